@@ -1,0 +1,1 @@
+"""Benchmarks: cost ratios measured side by side in one process, and paper reproductions."""
