@@ -2,8 +2,15 @@
 
 from curvax import cvp
 from curvax import losses
+from curvax import quadratic
+from curvax.curveball import CurveBallState, curveball
 from curvax.cvp import Linearization, linearize, sharpness, top_eigenvalue
+from curvax.extra_args import objective
 
-__all__ = ["cvp", "losses", "Linearization", "linearize", "sharpness", "top_eigenvalue"]
+__all__ = [
+    "cvp", "losses", "quadratic",
+    "Linearization", "linearize", "sharpness", "top_eigenvalue", "objective",
+    "CurveBallState", "curveball",
+]
 
 __version__ = "0.1.0"

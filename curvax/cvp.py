@@ -73,13 +73,13 @@ class Linearization:
     self.output_grad = output_grad
     self._jvp = jvp_fn
     self.loss = loss
-    self._predict = predict
+    self.predict = predict
     self._hessian_linearization = None
 
   def tree_flatten(self):
     children = (self.params, self.targets, self.outputs, self.aux, self.loss_value,
                 self.output_grad, self._jvp)
-    return children, (self.loss, self._predict)
+    return children, (self.loss, self.predict)
 
   @classmethod
   def tree_unflatten(cls, static, children):
@@ -140,7 +140,7 @@ class Linearization:
     later call (e.g. across conjugate-gradient iterations).
     """
     if self._hessian_linearization is None:
-      objective = lambda p: self.loss.value(self._predict(p), self.targets)
+      objective = lambda p: self.loss.value(self.predict(p), self.targets)
       _, self._hessian_linearization = jax.linearize(jax.grad(objective), self.params)
     return self._hessian_linearization(v)
 

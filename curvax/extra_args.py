@@ -1,0 +1,69 @@
+"""The extra arguments every curvax solver takes in ``update``, and the matching objective.
+
+A solver's ``update(updates, state, params, **extra_args)`` needs the model on the
+current batch. It is given either as
+
+* ``predict_fn`` (``params -> outputs``) and ``targets``, or
+* ``linearization``: a :class:`curvax.cvp.Linearization` the caller already built with
+  :func:`curvax.linearize` — e.g. with ``has_aux=True`` to read a Flax BatchNorm's
+  updated ``batch_stats`` from ``linearization.aux`` without a second forward pass.
+
+``optax.chain`` hands every extra argument to every transform, and optax's line searches
+pass the ones they do not use to their ``value_fn``, which must name them.
+:func:`objective` builds that ``value_fn``, so
+``optax.chain(curvax.<solver>(loss), optax.scale_by_backtracking_linesearch(...))``
+works with ``value_fn=curvax.objective(loss)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+
+from curvax import cvp
+from curvax import losses as losses_lib
+
+
+def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
+                       predict_fn: Optional[Callable] = None, targets=None,
+                       linearization: Optional[cvp.Linearization] = None
+                       ) -> cvp.Linearization:
+  """The step's linearisation, built from ``predict_fn``/``targets`` or passed in."""
+  if params is None:
+    raise ValueError(f"{solver}: params are required: call "
+                     "tx.update(updates, state, params, predict_fn=..., targets=...).")
+  if linearization is not None:
+    if predict_fn is not None:
+      raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
+                       "not both.")
+    return linearization
+  if predict_fn is None or targets is None:
+    missing = [n for n, v in (("predict_fn", predict_fn), ("targets", targets))
+               if v is None]
+    raise ValueError(
+        f"{solver}: missing extra argument(s) {missing}: call tx.update(updates, state, "
+        "params, predict_fn=lambda p: model.apply(p, x), targets=y) or pass "
+        "linearization=curvax.linearize(...).")
+  if not callable(predict_fn):
+    raise TypeError(f"{solver}: predict_fn must be callable params -> outputs, got "
+                    f"{type(predict_fn).__name__}.")
+  return cvp.linearize(predict_fn, params, loss=loss, targets=targets)
+
+
+def objective(loss: "losses_lib.Loss | str") -> Callable[..., jax.Array]:
+  """``value_fn(params, predict_fn=None, targets=None, linearization=None)`` for line searches.
+
+  Evaluates ``loss(predict_fn(params), targets)``; with ``linearization`` it uses the
+  network and targets stored in it (auxiliary outputs dropped).
+  """
+  loss = losses_lib.get(loss)
+
+  def value_fn(params, predict_fn=None, targets=None, linearization=None):
+    if linearization is not None:
+      return linearization.loss.value(linearization.predict(params), linearization.targets)
+    return loss.value(predict_fn(params), targets)
+
+  return value_fn
+
+

@@ -1,0 +1,96 @@
+"""The local quadratic model shared by every solver's step-size and damping rules.
+
+Around ``w`` the objective is modelled as (curveball.md eq. 11–12)
+
+    f̂(Δ) = gᵀΔ + ½ Δᵀ (C + λI) Δ,   C = Jᵀ H_L J (the GGN),
+
+and a step is a combination ``Δ = Σ_i x_i d_i`` of candidate directions. With the Gram
+matrix ``M_ij = d_iᵀ (C + λI) d_j`` and ``b_i = gᵀ d_i``, the best coefficients solve
+``M x = −b``: CurveBall's automatic ρ and β (curveball.md eq. 19, directions Δz and z),
+KFAC's step size α* and momentum (kfra_kflr.md appendix), and the 1×1 case of a single
+direction. The reduction ratio ``ρ = (f(w+Δ) − f(w)) / f̂(Δ)`` drives every
+Levenberg-Marquardt damping rule.
+
+Every ``d_i`` enters through its output-space image ``J d_i`` (one forward-mode product),
+because ``d_iᵀ C d_j = (J d_i)ᵀ H_L (J d_j)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+class QuadraticModel(NamedTuple):
+  """``f̂(x) = bᵀx + ½ xᵀ M x`` over the coefficients of the candidate directions.
+
+  ``curvature`` is ``M`` without damping (``d_iᵀ C d_j``); ``damped`` adds
+  ``λ d_iᵀ d_j``.
+  """
+  curvature: Array
+  damped: Array
+  linear: Array
+
+
+def build(output_directions: Sequence[Array], directions: Sequence, *,
+          output_hvp: Callable[[Array], Array], gradient_dots: Sequence[Array],
+          damping: Array) -> QuadraticModel:
+  """Gram matrices of the candidate directions under ``C`` and ``C + λI``.
+
+  Args:
+    output_directions: ``J d_i`` for each direction.
+    directions: the parameter-space directions ``d_i`` (pytrees), for ``λ d_iᵀ d_j``.
+    output_hvp: ``u ↦ H_L u``.
+    gradient_dots: ``gᵀ d_i`` for each direction.
+    damping: ``λ``.
+  """
+  curved = [output_hvp(u) for u in output_directions]
+  n = len(output_directions)
+  curvature = jnp.array([[jnp.vdot(output_directions[i], curved[j]) for j in range(n)]
+                         for i in range(n)])
+  overlap = jnp.array([[optax.tree.vdot(directions[i], directions[j]) for j in range(n)]
+                       for i in range(n)])
+  linear = jnp.stack([jnp.asarray(d) for d in gradient_dots])
+  return QuadraticModel(curvature, curvature + damping * overlap, linear)
+
+
+def minimiser(model: QuadraticModel) -> Array:
+  """Coefficients ``x = −M⁺ b`` minimising the damped model.
+
+  The pseudo-inverse makes a degenerate direction (e.g. CurveBall's ``z = 0`` on its
+  first step) drop out, leaving the lower-dimensional solve.
+  """
+  matrix = 0.5 * (model.damped + model.damped.T)
+  return -jnp.linalg.pinv(matrix, rtol=1e-10, hermitian=True) @ model.linear
+
+
+def predicted_change(model: QuadraticModel, coefficients: Array, *,
+                     damped: bool = False) -> Array:
+  """``f̂(x) = bᵀx + ½ xᵀ M x`` with the undamped (default) or damped ``M``."""
+  matrix = model.damped if damped else model.curvature
+  return model.linear @ coefficients + 0.5 * coefficients @ matrix @ coefficients
+
+
+def reduction_ratio(actual_change: Array, predicted: Array) -> Array:
+  """``ρ = Δf / Δf̂``, 1 when the model is exact; 0 where the model predicts no change."""
+  safe = jnp.where(predicted == 0, 1.0, predicted)
+  return jnp.where(predicted == 0, 0.0, actual_change / safe)
+
+
+def levenberg_marquardt(damping: Array, ratio: Array, *, factor: Array,
+                        lower: float = 0.25, upper: float = 0.75,
+                        min_damping: float = 0.0, max_damping: float = jnp.inf) -> Array:
+  """Levenberg-Marquardt rule: ``λ·factor`` if ``ρ > upper``, ``λ/factor`` if ``ρ < lower``.
+
+  ``factor < 1``. With ``lower = upper`` this is kfra_kflr.md's τ rule; CurveBall's
+  §3.4 rule is ``factor = 0.999``, ``lower = 1/2``, ``upper = 3/2``. The result is
+  clipped to ``[min_damping, max_damping]``.
+  """
+  damping = jnp.where(ratio > upper, damping * factor, damping)
+  damping = jnp.where(ratio < lower, damping / factor, damping)
+  return jnp.clip(damping, min_damping, max_damping)
