@@ -110,6 +110,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     lin = extra_args_lib.linearization_from(
         "curveball", loss, params, predict_fn=predict_fn, targets=targets,
         linearization=linearization)
+    updates = extra_args_lib.given_gradient(updates)
     z, lam = state.z, state.damping.astype(lin.loss_value.dtype)
     fused = lin.fused_ggn_vp(z)
     if updates is None:

@@ -51,6 +51,17 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
   return cvp.linearize(predict_fn, params, loss=loss, targets=targets)
 
 
+def given_gradient(updates):
+  """The caller's gradient, or ``None`` when the solver should compute its own.
+
+  ``None`` and empty pytrees both mean "compute it": ``flax.nnx.Optimizer.update(model,
+  None, ...)`` turns ``None`` into an empty ``nnx.State``.
+  """
+  if updates is None or not jax.tree.leaves(updates):
+    return None
+  return updates
+
+
 def objective(loss: "losses_lib.Loss | str") -> Callable[..., jax.Array]:
   """``value_fn(params, predict_fn=None, targets=None, linearization=None)`` for line searches.
 
