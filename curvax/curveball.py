@@ -22,6 +22,7 @@ import optax
 
 from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
+from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import check_positive, check_fraction
 
@@ -141,16 +142,13 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     step = optax.tree.scale(learning_rate, new_z)
 
     new_damping, ratio = _damping_rule(state, lin, params, step, j_new_z, updates, lam)
-    finite = _all_finite(lin.loss_value, new_z, new_rho, new_beta)
+    finite = nonfinite.all_finite(lin.loss_value, new_z, new_rho, new_beta)
     new_state = CurveBallState(
         z=new_z, damping=new_damping.astype(jnp.float32), count=state.count + 1,
         loss=lin.loss_value.astype(jnp.float32), rho=new_rho.astype(jnp.float32),
         beta=new_beta.astype(jnp.float32), reduction_ratio=ratio.astype(jnp.float32),
         num_skipped=state.num_skipped)
-    skipped = state._replace(num_skipped=state.num_skipped + 1)
-    new_state = optax.tree.where(finite, new_state, skipped)
-    step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
-    return step, new_state
+    return nonfinite.guard(finite, step, new_state, state)
 
   def _damping_rule(state, lin, params, step, j_new_z, updates, lam):
     """§3.4: every ``damping_period`` steps, ``γ = Δf / f̂(αz)`` rescales ``λ``."""
@@ -177,8 +175,3 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     return jax.lax.cond(due, evaluate, keep, None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _all_finite(*trees) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]
-  return jnp.all(jnp.stack(leaves))

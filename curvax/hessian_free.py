@@ -1,0 +1,222 @@
+"""Hessian-free optimisation (Martens 2010) with optional sub-sampled curvature (SHG).
+
+Each step solves the damped Newton system with conjugate gradient on curvature-vector
+products of the shared CVP module (second_order_comparison.md §2.1, §3.3):
+
+    (C + λI) δ = −g,     C = GGN (default) or the exact Hessian,
+
+* CG runs inside ``jax.lax.while_loop`` from the warm start ``decay · δ_prev`` and stops
+  by Martens' relative-progress rule or ``max_cg_iters`` (:mod:`curvax.cg`);
+* CG backtracking: among the saved iterates ``δ_j`` (at ``j = ⌈1.3^k⌉``), walk back from
+  the last while the true loss keeps decreasing;
+* Levenberg-Marquardt damping from the reduction ratio
+  ``ρ = (f(w+δ) − f(w)) / (gᵀδ + ½δᵀCδ)``: ``λ·2/3`` if ``ρ > 3/4``, ``λ·3/2`` if
+  ``ρ < 1/4``;
+* SHG: with ``curvature_batch=True`` the curvature comes from a separate (smaller) batch
+  passed as ``curvature_predict_fn`` / ``curvature_targets`` extra arguments, while the
+  gradient uses ``predict_fn`` / ``targets`` (the paper uses a sub-batch of 20%);
+* an optional diagonal preconditioner ``(|diag(C)| + λ)^ξ`` with ``diag(C)`` estimated by
+  Hutchinson's ``E[v ⊙ Cv]`` (Rademacher ``v``), ``ξ = 0.75`` as in Martens 2010 §4.7.
+
+The linearisations are built once per step: every CG iteration costs one curvature
+product on cached residuals, never a new forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvax import cg
+from curvax import cvp
+from curvax import extra_args as extra_args_lib
+from curvax import losses as losses_lib
+from curvax import nonfinite
+from curvax import quadratic
+from curvax._validation import check_fraction, check_positive
+
+PyTree = Any
+
+
+class HessianFreeState(NamedTuple):
+  """State of :func:`hessian_free`.
+
+  Attributes:
+    direction: the last CG solution, warm start of the next solve.
+    damping: ``λ``.
+    count: steps taken (finite batches only).
+    loss: loss at the parameters the last finite step started from.
+    reduction_ratio: ``ρ`` of the last step.
+    cg_iterations: CG iterations of the last step.
+    num_skipped: batches skipped for non-finite values.
+  """
+  direction: PyTree
+  damping: jax.Array
+  count: jax.Array
+  loss: jax.Array
+  reduction_ratio: jax.Array
+  cg_iterations: jax.Array
+  num_skipped: jax.Array
+
+
+def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
+                 damping: float = 1.0, curvature: str = "ggn", max_cg_iters: int = 50,
+                 min_cg_iters: int = 10, cg_tol: float = 5e-4,
+                 warm_start_decay: float = 0.95, backtracking: bool = True,
+                 num_saved: int = 8, damping_factor: float = 2.0 / 3.0,
+                 min_damping: float = 1e-8, max_damping: float = 1e8,
+                 curvature_batch: bool = False, preconditioner: Optional[str] = None,
+                 preconditioner_exponent: float = 0.75, preconditioner_samples: int = 1,
+                 seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Hessian-free as an optax transformation (see the module docstring).
+
+  ``update(updates, state, params, predict_fn=..., targets=...)``; with
+  ``curvature_batch=True`` also ``curvature_predict_fn=..., curvature_targets=...``.
+  Pass ``None`` as updates to take the gradient from the solver's own linearisation, or
+  a gradient (e.g. over a larger batch) to use it instead.
+
+  Args:
+    loss: a :class:`curvax.losses.Loss` or its name.
+    learning_rate: scales the chosen CG iterate (a line search in the chain can take
+      over this role).
+    damping: initial ``λ``.
+    curvature: ``"ggn"`` (PSD, default) or ``"hessian"`` (exact; CG stops at the first
+      direction of non-positive curvature).
+    max_cg_iters, min_cg_iters, cg_tol: CG limits and Martens' progress tolerance.
+    warm_start_decay: CG starts from ``decay · δ_prev`` (0 disables warm starts).
+    backtracking: choose among saved CG iterates by the true loss.
+    num_saved: how many CG iterates are kept for backtracking.
+    damping_factor: LM factor ``< 1`` (``λ·factor`` when ``ρ > 3/4``, ``λ/factor``
+      when ``ρ < 1/4``).
+    min_damping, max_damping: bounds for ``λ``.
+    curvature_batch: take curvature products on the ``curvature_predict_fn`` batch.
+    preconditioner: ``None`` or ``"diagonal"`` (Hutchinson estimate of ``diag(C)``).
+    preconditioner_exponent: ``ξ``.
+    preconditioner_samples: Rademacher probes per step for the diagonal.
+    seed: PRNG seed of the probes (folded with the step count).
+  """
+  loss = losses_lib.get(loss)
+  check_positive("learning_rate", learning_rate)
+  check_positive("damping", damping)
+  check_fraction("damping_factor", damping_factor)
+  if curvature not in ("ggn", "hessian"):
+    raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
+  if not 1 <= min_cg_iters <= max_cg_iters:
+    raise ValueError(f"need 1 <= min_cg_iters <= max_cg_iters, got min_cg_iters="
+                     f"{min_cg_iters}, max_cg_iters={max_cg_iters}.")
+  check_positive("cg_tol", cg_tol)
+  if not 0 <= warm_start_decay <= 1:
+    raise ValueError(f"warm_start_decay must lie in [0, 1], got {warm_start_decay}.")
+  if num_saved < 1:
+    raise ValueError(f"num_saved must be >= 1, got {num_saved}.")
+  if not 0 < min_damping <= damping <= max_damping:
+    raise ValueError(f"damping must lie in [min_damping, max_damping] with min_damping "
+                     f"> 0, got {damping} not in [{min_damping}, {max_damping}].")
+  if preconditioner not in (None, "diagonal"):
+    raise ValueError(f"preconditioner must be None or 'diagonal', got {preconditioner!r}.")
+  if preconditioner_samples < 1:
+    raise ValueError(f"preconditioner_samples must be >= 1, got {preconditioner_samples}.")
+
+  def init_fn(params):
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    return HessianFreeState(
+        direction=optax.tree.zeros_like(params), damping=f32(damping),
+        count=jnp.zeros((), jnp.int32), loss=f32(jnp.nan), reduction_ratio=f32(jnp.nan),
+        cg_iterations=jnp.zeros((), jnp.int32), num_skipped=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
+                linearization=None, curvature_predict_fn=None, curvature_targets=None,
+                **extra_args):
+    del extra_args
+    lin = extra_args_lib.linearization_from(
+        "hessian_free", loss, params, predict_fn=predict_fn, targets=targets,
+        linearization=linearization)
+    if curvature_batch:
+      if curvature_predict_fn is None or curvature_targets is None:
+        raise ValueError(
+            "hessian_free(curvature_batch=True): missing extra arguments "
+            "curvature_predict_fn / curvature_targets (the curvature sub-batch).")
+      curv = cvp.linearize(curvature_predict_fn, params, loss=loss,
+                           targets=curvature_targets)
+    else:
+      curv = lin
+    grad = extra_args_lib.given_gradient(updates)
+    grad = lin.grad() if grad is None else grad
+    lam = state.damping.astype(lin.loss_value.dtype)
+    product = curv.product(curvature)
+    damped = lambda v: optax.tree.add_scale(product(v), lam, v)
+
+    precondition = None
+    if preconditioner == "diagonal":
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      diagonal = _hutchinson_diagonal(product, params, key, preconditioner_samples)
+      scale = jax.tree.map(lambda d: (jnp.abs(d) + lam) ** preconditioner_exponent,
+                           diagonal)
+      precondition = lambda r: jax.tree.map(jnp.divide, r, scale)
+
+    x0 = optax.tree.scale(warm_start_decay, state.direction)
+    solve = cg.conjugate_gradient(
+        damped, optax.tree.scale(-1.0, grad), x0, max_iters=max_cg_iters,
+        min_iters=min_cg_iters, tol=cg_tol, preconditioner=precondition,
+        num_saved=num_saved if backtracking else 1)
+
+    loss_at = lambda delta: lin.loss.value(
+        lin.predict(optax.tree.add_scale(params, learning_rate, delta)), lin.targets)
+    step, new_loss = _backtrack(solve, loss_at)
+    actual = new_loss - lin.loss_value
+    step = optax.tree.scale(learning_rate, step)
+    predicted = optax.tree.vdot(grad, step) + 0.5 * optax.tree.vdot(step, product(step))
+    ratio = quadratic.reduction_ratio(actual, predicted)
+    new_damping = quadratic.levenberg_marquardt(
+        lam, ratio, factor=damping_factor, lower=0.25, upper=0.75,
+        min_damping=min_damping, max_damping=max_damping)
+    # A step that does not decrease the loss on the batch is not taken.
+    step = optax.tree.where(actual < 0, step, optax.tree.zeros_like(step))
+    new_state = HessianFreeState(
+        direction=solve.x, damping=new_damping.astype(jnp.float32), count=state.count + 1,
+        loss=lin.loss_value.astype(jnp.float32),
+        reduction_ratio=ratio.astype(jnp.float32), cg_iterations=solve.iterations,
+        num_skipped=state.num_skipped)
+    finite = nonfinite.all_finite(lin.loss_value, grad, solve.x, new_loss)
+    return nonfinite.guard(finite, step, new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _backtrack(solve: cg.CGResult, loss_at):
+  """Martens' CG backtracking: from the last saved iterate, step back while it helps.
+
+  Returns ``(iterate, loss at it)``.
+  """
+  num = jax.tree.leaves(solve.saved)[0].shape[0]
+  first_valid = num - solve.num_saved
+  pick = lambda j: jax.tree.map(lambda s: s[j], solve.saved)
+
+  def cond(carry):
+    j, value, previous_value = carry
+    return (j > first_valid) & (previous_value < value)
+
+  def body(carry):
+    j, _, previous_value = carry
+    j = j - 1
+    earlier = jnp.where(j > first_valid, loss_at(pick(jnp.maximum(j - 1, 0))), jnp.inf)
+    return j, previous_value, earlier
+
+  last = num - 1
+  value = loss_at(pick(last))
+  previous = jnp.where(last > first_valid, loss_at(pick(last - 1)), jnp.inf)
+  j, value, _ = jax.lax.while_loop(cond, body, (jnp.asarray(last), value, previous))
+  return pick(j), value
+
+
+def _hutchinson_diagonal(product, like, key, num_samples):
+  """``E[v ⊙ Cv]`` over Rademacher ``v``: an unbiased estimate of ``diag(C)``."""
+  def one(k):
+    v = optax.tree.random_like(k, like, jax.random.rademacher)
+    v = jax.tree.map(lambda a, ref: a.astype(ref.dtype), v, like)
+    return jax.tree.map(jnp.multiply, v, product(v))
+  samples = [one(k) for k in jax.random.split(key, num_samples)]
+  return jax.tree.map(lambda *xs: sum(xs) / num_samples, *samples)

@@ -1,0 +1,28 @@
+"""Skipping batches with non-finite losses or products, as ``optax.apply_if_finite`` does.
+
+A solver computes its candidate step and state, then :func:`guard` keeps them only if
+every checked value is finite; otherwise the update is zero and the old state is kept,
+with its ``num_skipped`` counter incremented. Solver states therefore carry a
+``num_skipped`` field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def all_finite(*trees: Any) -> jax.Array:
+  """Whether every leaf of every tree is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def guard(finite: jax.Array, step: Any, new_state: Any, old_state: Any):
+  """``(step, new_state)`` if ``finite``, else ``(0, old_state + 1 skipped)``."""
+  skipped = old_state._replace(num_skipped=old_state.num_skipped + 1)
+  state = optax.tree.where(finite, new_state, skipped)
+  return optax.tree.where(finite, step, optax.tree.zeros_like(step)), state
