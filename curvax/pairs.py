@@ -1,0 +1,106 @@
+"""A limited-memory store of curvature pairs and the two quasi-Newton products on it.
+
+Pairs ``(s_i, y_i)`` with ``y_i ≈ C s_i`` live in fixed-size arrays (``memory`` rows,
+flattened parameters), oldest first; ``count`` says how many of the last rows are valid,
+so the store is a fixed-shape pytree that jit and ``lax.cond`` carry unchanged.
+
+* :func:`lbfgs_inverse_product` — the L-BFGS two-loop recursion (Nocedal & Wright,
+  Alg. 7.4) with ``H₀ = (sᵀy / yᵀy) I`` from the newest pair: used by SQN.
+* :func:`sr1_inverse_product` — the compact limited-memory SR1 inverse (Byrd, Nocedal &
+  Schnabel 1994): ``H = H₀ + (S − H₀Y)(D + L + Lᵀ − YᵀH₀Y)⁻¹(S − H₀Y)ᵀ`` with
+  ``SᵀY = L + D + U``: used by L-SR1.
+* :func:`sr1_accepts` — the standard SR1 skipping rule
+  ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PairStore(NamedTuple):
+  """``memory`` pair slots; the last ``count`` rows are valid, oldest first."""
+  s: jax.Array
+  y: jax.Array
+  count: jax.Array
+
+
+def empty(memory: int, size: int, dtype) -> PairStore:
+  zeros = jnp.zeros((memory, size), dtype)
+  return PairStore(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def push(store: PairStore, s: jax.Array, y: jax.Array, accept: jax.Array) -> PairStore:
+  """Append ``(s, y)`` (dropping the oldest when full) if ``accept``."""
+  memory = store.s.shape[0]
+  appended = PairStore(jnp.concatenate([store.s[1:], s[None]]),
+                       jnp.concatenate([store.y[1:], y[None]]),
+                       jnp.minimum(store.count + 1, memory))
+  return jax.tree.map(lambda new, old: jnp.where(accept, new, old), appended, store)
+
+
+def _valid(store: PairStore) -> jax.Array:
+  memory = store.s.shape[0]
+  return jnp.arange(memory) >= memory - store.count
+
+
+def initial_scale(store: PairStore) -> jax.Array:
+  """``γ = sᵀy / yᵀy`` of the newest pair (1 when the store is empty)."""
+  s, y = store.s[-1], store.y[-1]
+  yy = jnp.vdot(y, y)
+  return jnp.where((store.count > 0) & (yy > 0), jnp.vdot(s, y) / jnp.where(yy > 0, yy, 1),
+                   1.0)
+
+
+def lbfgs_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
+  """``H g`` with ``H`` the L-BFGS inverse-Hessian approximation (two-loop recursion)."""
+  valid = _valid(store)
+  sy = jnp.sum(store.s * store.y, axis=1)
+  rho = jnp.where(valid & (sy != 0), 1.0 / jnp.where(sy != 0, sy, 1.0), 0.0)
+
+  def backward(q, i):  # newest to oldest
+    alpha = rho[i] * jnp.vdot(store.s[i], q)
+    return q - alpha * store.y[i], alpha
+
+  order = jnp.arange(store.s.shape[0])[::-1]
+  q, alphas = jax.lax.scan(backward, g, order)
+  r = initial_scale(store) * q
+
+  def forward(r, inputs):  # oldest to newest
+    i, alpha = inputs
+    beta = rho[i] * jnp.vdot(store.y[i], r)
+    return r + (alpha - beta) * store.s[i], None
+
+  r, _ = jax.lax.scan(forward, r, (order[::-1], alphas[::-1]))
+  return r
+
+
+def sr1_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
+  """``H g`` with ``H`` the compact limited-memory SR1 inverse approximation.
+
+  Invalid slots are masked out of the middle matrix (identity rows there), so they
+  contribute nothing.
+  """
+  valid = _valid(store)
+  gamma = initial_scale(store)
+  s = jnp.where(valid[:, None], store.s, 0.0)
+  y = jnp.where(valid[:, None], store.y, 0.0)
+  w = s - gamma * y                          # columns of S − H₀Y
+  sty = s @ y.T
+  lower_and_diag = jnp.tril(sty)             # L + D
+  middle = lower_and_diag + jnp.tril(sty, -1).T - gamma * (y @ y.T)
+  mask = valid[:, None] & valid[None, :]
+  middle = jnp.where(mask, middle, jnp.eye(middle.shape[0], dtype=middle.dtype))
+  coefficients = jnp.linalg.solve(middle, jnp.where(valid, w @ g, 0.0))
+  return gamma * g + w.T @ coefficients
+
+
+def sr1_accepts(store: PairStore, s: jax.Array, y: jax.Array,
+                tolerance: float = 1e-8) -> jax.Array:
+  """SR1 skipping rule on the inverse update: ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``."""
+  residual = s - sr1_inverse_product(store, y)
+  lhs = jnp.abs(jnp.vdot(y, residual))
+  return (lhs >= tolerance * jnp.linalg.norm(y) * jnp.linalg.norm(residual)) & (lhs > 0)

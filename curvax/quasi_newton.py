@@ -1,0 +1,182 @@
+"""Stochastic quasi-Newton methods whose curvature pairs come from CVP products.
+
+Both solvers step along ``p = −H g`` (``H`` from the limited-memory pair store of
+:mod:`curvax.pairs`) and collect a pair every ``pair_period`` steps with ``y = C s``
+computed by the shared CVP module on the curvature batch (second_order_comparison.md
+§2.2) — no gradient differences, so the pairs are noise-free on their batch:
+
+* :func:`sqn` (Byrd, Hansen, Nocedal & Singer 2016): ``s = w̄_t − w̄_{t−1}`` between
+  averages of the iterates of consecutive ``pair_period``-step windows, ``y`` the GGN (or
+  Hessian) product at ``w̄_t``; pairs with ``sᵀy ≤ ε sᵀs`` are dropped; L-BFGS two-loop.
+* :func:`lsr1` (limited-memory SR1): ``s`` the displacement since the last pair, ``y`` the
+  product at the current iterate (reusing the step's linearisation when no separate
+  curvature batch is given); the SR1 skipping rule; compact SR1 inverse. SR1 matrices can
+  be indefinite: when ``gᵀp ≥ 0`` the step falls back to ``−g``.
+
+The paper's finding is that these need a line search: chain them with
+``optax.scale_by_backtracking_linesearch`` (see the README). ``learning_rate`` scales
+the direction otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from curvax import cvp
+from curvax import extra_args as extra_args_lib
+from curvax import losses as losses_lib
+from curvax import nonfinite
+from curvax import pairs
+from curvax._validation import check_positive
+
+PyTree = Any
+
+
+class QuasiNewtonState(NamedTuple):
+  """State of :func:`sqn` and :func:`lsr1`.
+
+  Attributes:
+    pairs: the curvature pair store.
+    anchor: flattened reference point of the next pair's ``s`` (SQN: the previous window
+      average; L-SR1: the iterate at the last pair).
+    window_sum: flattened sum of the iterates of the current window (SQN).
+    num_windows: completed windows (SQN needs two before its first pair).
+    count: steps taken (finite batches only).
+    loss: loss at the parameters the last finite step started from.
+    num_skipped: batches skipped for non-finite values.
+  """
+  pairs: pairs.PairStore
+  anchor: jax.Array
+  window_sum: jax.Array
+  num_windows: jax.Array
+  count: jax.Array
+  loss: jax.Array
+  num_skipped: jax.Array
+
+
+def sqn(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
+        pair_period: int = 10, curvature: str = "ggn", curvature_batch: bool = False,
+        min_curvature: float = 1e-10) -> optax.GradientTransformationExtraArgs:
+  """Stochastic L-BFGS with CVP curvature pairs at averaged iterates (Byrd et al. 2016).
+
+  Args:
+    loss: a :class:`curvax.losses.Loss` or its name.
+    learning_rate: scales ``−H g`` (use a line search in the chain to choose it).
+    memory: number of pairs kept.
+    pair_period: ``L``, steps per averaging window and between pairs.
+    curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
+    curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
+    min_curvature: pairs with ``sᵀy ≤ min_curvature · sᵀs`` are dropped.
+  """
+  def accept(store, s, y):
+    return jnp.vdot(s, y) > min_curvature * jnp.vdot(s, s)
+
+  return _quasi_newton("sqn", loss, learning_rate, memory, pair_period, curvature,
+                       curvature_batch, pairs.lbfgs_inverse_product, accept,
+                       average_iterates=True, descent_fallback=False)
+
+
+def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
+         pair_period: int = 1, curvature: str = "ggn", curvature_batch: bool = False,
+         skip_tolerance: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+  """Limited-memory SR1 with CVP curvature pairs and the standard skipping rule.
+
+  Args:
+    loss: a :class:`curvax.losses.Loss` or its name.
+    learning_rate: scales the direction (use a line search in the chain to choose it).
+    memory: number of pairs kept.
+    pair_period: steps between pairs (``s`` spans them).
+    curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
+    curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
+    skip_tolerance: ``r`` of the skipping rule ``|yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖``.
+  """
+  def accept(store, s, y):
+    return pairs.sr1_accepts(store, s, y, skip_tolerance)
+
+  return _quasi_newton("lsr1", loss, learning_rate, memory, pair_period, curvature,
+                       curvature_batch, pairs.sr1_inverse_product, accept,
+                       average_iterates=False, descent_fallback=True)
+
+
+def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_period: int,
+                  curvature: str, curvature_batch: bool,
+                  inverse_product: Callable, accept: Callable, *, average_iterates: bool,
+                  descent_fallback: bool) -> optax.GradientTransformationExtraArgs:
+  loss = losses_lib.get(loss)
+  check_positive("learning_rate", learning_rate)
+  for arg, value in (("memory", memory), ("pair_period", pair_period)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}.")
+  if curvature not in ("ggn", "hessian"):
+    raise ValueError(f"{name}: curvature must be 'ggn' or 'hessian', got {curvature!r}.")
+
+  def init_fn(params):
+    flat, _ = ravel_pytree(params)
+    return QuasiNewtonState(
+        pairs=pairs.empty(memory, flat.size, flat.dtype), anchor=flat,
+        window_sum=jnp.zeros_like(flat), num_windows=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32), loss=jnp.asarray(jnp.nan, jnp.float32),
+        num_skipped=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
+                linearization=None, curvature_predict_fn=None, curvature_targets=None,
+                **extra_args):
+    del extra_args
+    lin = extra_args_lib.linearization_from(
+        name, loss, params, predict_fn=predict_fn, targets=targets,
+        linearization=linearization)
+    if curvature_batch and (curvature_predict_fn is None or curvature_targets is None):
+      raise ValueError(f"{name}(curvature_batch=True): missing extra arguments "
+                       "curvature_predict_fn / curvature_targets (the curvature batch).")
+    flat, unravel = ravel_pytree(params)
+    grad = extra_args_lib.given_gradient(updates)
+    grad = lin.grad() if grad is None else grad
+    g = ravel_pytree(grad)[0]
+
+    def curvature_product(at_flat, s_flat, reuse_step_linearization):
+      if reuse_step_linearization:
+        return ravel_pytree(lin.product(curvature)(unravel(s_flat)))[0]
+      if curvature_batch:
+        fn, tgt = curvature_predict_fn, curvature_targets
+      else:
+        fn, tgt = lin.predict, lin.targets
+      at = cvp.linearize(fn, unravel(at_flat), loss=loss, targets=tgt)
+      return ravel_pytree(at.product(curvature)(unravel(s_flat)))[0]
+
+    window_sum = state.window_sum + flat
+    window_done = (state.count + 1) % pair_period == 0
+
+    def collect(_):
+      if average_iterates:
+        average = window_sum / pair_period
+        s = average - state.anchor
+        y = curvature_product(average, s, reuse_step_linearization=False)
+        ok = accept(state.pairs, s, y) & (state.num_windows >= 1)
+        return pairs.push(state.pairs, s, y, ok), average
+      s = flat - state.anchor
+      y = curvature_product(flat, s, reuse_step_linearization=not curvature_batch)
+      ok = accept(state.pairs, s, y) & (state.count >= 1)
+      return pairs.push(state.pairs, s, y, ok), flat
+
+    store, anchor = jax.lax.cond(window_done, collect,
+                                 lambda _: (state.pairs, state.anchor), None)
+    direction = -inverse_product(store, g)
+    if descent_fallback:
+      direction = jnp.where(jnp.vdot(g, direction) < 0, direction, -g)
+    direction = jnp.where(store.count > 0, direction, -g)
+    step = unravel(learning_rate * direction)
+    new_state = QuasiNewtonState(
+        pairs=store, anchor=anchor,
+        window_sum=jnp.where(window_done, jnp.zeros_like(window_sum), window_sum),
+        num_windows=state.num_windows + window_done.astype(jnp.int32),
+        count=state.count + 1, loss=lin.loss_value.astype(jnp.float32),
+        num_skipped=state.num_skipped)
+    finite = nonfinite.all_finite(lin.loss_value, g, direction, store)
+    return nonfinite.guard(finite, step, new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
