@@ -33,7 +33,8 @@ class CGResult(NamedTuple):
 
   Attributes:
     x: the final iterate.
-    iterations: CG iterations run.
+    iterations: CG steps taken (a step refused for non-positive curvature is not
+      counted).
     objective: ``φ(x)`` of the final iterate.
     saved: pytree with a leading axis of ``num_saved`` saved iterates, oldest first; the
       last entry is the final iterate.
@@ -112,11 +113,13 @@ def conjugate_gradient(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree
     small = jnp.sqrt(jnp.abs(ry)) <= atol
     saved, count = jax.lax.cond(jnp.any(schedule == i), save, lambda s, n, _: (s, n),
                                 c.saved, c.num_saved, x)
-    # A direction of non-positive curvature ends the solve without taking its step.
+    # A direction of non-positive curvature ends the solve without taking its step: the
+    # iterate, its count, objective history and saved iterates stay as they were.
     bad = curvature <= 0
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
-    return Carry(i, keep(x, c.x), keep(r, c.r), y, p, ry, history, keep(saved, c.saved),
-                 jnp.where(bad, c.num_saved, count), bad | slow | small | (i >= max_iters))
+    return Carry(keep(i, c.i), keep(x, c.x), keep(r, c.r), y, p, ry,
+                 keep(history, c.history), keep(saved, c.saved),
+                 keep(count, c.num_saved), bad | slow | small | (i >= max_iters))
 
   init = Carry(jnp.zeros((), jnp.int32), x0, r0, y0, y0, vdot(r0, y0), history0, saved0,
                jnp.zeros((), jnp.int32), jnp.sqrt(jnp.abs(vdot(r0, y0))) <= atol)
