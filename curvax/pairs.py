@@ -8,7 +8,8 @@ so the store is a fixed-shape pytree that jit and ``lax.cond`` carry unchanged.
   Alg. 7.4) with ``H₀ = (sᵀy / yᵀy) I`` from the newest pair: used by SQN.
 * :func:`sr1_inverse_product` — the compact limited-memory SR1 inverse (Byrd, Nocedal &
   Schnabel 1994): ``H = H₀ + (S − H₀Y)(D + L + Lᵀ − YᵀH₀Y)⁻¹(S − H₀Y)ᵀ`` with
-  ``SᵀY = L + D + U``: used by L-SR1.
+  ``SᵀY = L + D + U``, the middle matrix inverted on its well-conditioned eigenspace
+  only: used by L-SR1.
 * :func:`sr1_accepts` — the standard SR1 skipping rule
   ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``.
 """
@@ -81,8 +82,16 @@ def lbfgs_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
 def sr1_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
   """``H g`` with ``H`` the compact limited-memory SR1 inverse approximation.
 
-  Invalid slots are masked out of the middle matrix (identity rows there), so they
-  contribute nothing.
+  Invalid slots are masked out of the middle matrix ``M = D + L + Lᵀ − YᵀH₀Y`` (they
+  get a diagonal entry there and zero columns elsewhere), so they contribute nothing.
+
+  ``M`` is inverted on its well-conditioned eigenspace only: eigenvalues with
+  ``|μ| ≤ √ε · scale`` (``scale`` the largest entry of ``|SᵀY|`` and ``|YᵀH₀Y|``,
+  the terms ``M`` is a difference of) are dropped, i.e. an update
+  the SR1 recursion would divide by ~0 is skipped instead of blowing up. This matters
+  from the very first pair: with ``H₀ = γI``, ``γ = sᵀy / yᵀy`` of that pair,
+  ``yᵀ(s − H₀y) = 0`` exactly, so a single pair carries no rank-one correction and
+  ``H = γI`` (the Barzilai-Borwein scaling).
   """
   valid = _valid(store)
   gamma = initial_scale(store)
@@ -91,16 +100,34 @@ def sr1_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
   w = s - gamma * y                          # columns of S − H₀Y
   sty = s @ y.T
   lower_and_diag = jnp.tril(sty)             # L + D
-  middle = lower_and_diag + jnp.tril(sty, -1).T - gamma * (y @ y.T)
+  yhy = gamma * (y @ y.T)
+  middle = lower_and_diag + jnp.tril(sty, -1).T - yhy
   mask = valid[:, None] & valid[None, :]
-  middle = jnp.where(mask, middle, jnp.eye(middle.shape[0], dtype=middle.dtype))
-  coefficients = jnp.linalg.solve(middle, jnp.where(valid, w @ g, 0.0))
+  middle = jnp.where(mask, middle, 0.0)
+  # The size of the terms M is a difference of, so cancellation shows up as small.
+  scale = jnp.maximum(jnp.max(jnp.abs(jnp.where(mask, sty, 0.0))),
+                      jnp.max(jnp.abs(jnp.where(mask, yhy, 0.0))))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  middle = middle + jnp.diag(jnp.where(valid, 0.0, scale))
+  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (middle + middle.T))
+  cutoff = jnp.sqrt(jnp.finfo(middle.dtype).eps) * scale
+  kept = jnp.abs(eigenvalues) > cutoff
+  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+  coefficients = eigenvectors @ (inverse * (eigenvectors.T @ jnp.where(valid, w @ g, 0.0)))
   return gamma * g + w.T @ coefficients
 
 
 def sr1_accepts(store: PairStore, s: jax.Array, y: jax.Array,
                 tolerance: float = 1e-8) -> jax.Array:
-  """SR1 skipping rule on the inverse update: ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``."""
+  """SR1 skipping rule on the inverse update: ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``.
+
+  A pair with ``‖s − Hy‖ ≤ √ε ‖s‖`` is also refused: ``H`` already maps ``y`` to ``s``
+  up to rounding (e.g. a pair the store holds), and the rounding error's direction would
+  otherwise pass the scale-free angle test.
+  """
   residual = s - sr1_inverse_product(store, y)
   lhs = jnp.abs(jnp.vdot(y, residual))
-  return (lhs >= tolerance * jnp.linalg.norm(y) * jnp.linalg.norm(residual)) & (lhs > 0)
+  residual_norm = jnp.linalg.norm(residual)
+  informative = residual_norm > jnp.sqrt(jnp.finfo(residual.dtype).eps) * jnp.linalg.norm(s)
+  return ((lhs >= tolerance * jnp.linalg.norm(y) * residual_norm) & (lhs > 0)
+          & informative)
