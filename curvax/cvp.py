@@ -64,7 +64,7 @@ class Linearization:
   """
 
   def __init__(self, params, targets, outputs, aux, loss_value, output_grad, jvp_fn,
-               loss, predict):
+               loss, predict, axis_name=None):
     self.params = params
     self.targets = targets
     self.outputs = outputs
@@ -74,12 +74,36 @@ class Linearization:
     self._jvp = jvp_fn
     self.loss = loss
     self.predict = predict
+    self.axis_name = axis_name
     self._hessian_linearization = None
 
   def tree_flatten(self):
     children = (self.params, self.targets, self.outputs, self.aux, self.loss_value,
                 self.output_grad, self._jvp)
-    return children, (self.loss, self.predict)
+    return children, (self.loss, self.predict, self.axis_name)
+
+  def batch_mean(self, value: PyTree) -> PyTree:
+    """Average a per-device batch reduction over ``axis_name`` (identity without one).
+
+    Every result that sums over the batch — parameter-space products, the loss, output
+    space dot products — goes through here, so with the batch split evenly over the
+    devices of ``axis_name`` each device sees the global-batch value.
+    """
+    if self.axis_name is None:
+      return value
+    return jax.lax.pmean(value, self.axis_name)
+
+  def _as_params(self, v: PyTree) -> PyTree:
+    """A tangent typed like the (device-varying, under ``axis_name``) parameters."""
+    return v if self.axis_name is None else _device_varying(v, self.axis_name)
+
+  def output_vdot(self, a: Array, b: Array) -> Array:
+    """``aᵀb`` for output-space arrays (e.g. ``(J d)ᵀ H_L (J d)``), over the global batch."""
+    return self.batch_mean(jnp.vdot(a, b))
+
+  def loss_at(self, params: PyTree) -> Array:
+    """The objective at other ``params`` on the same batch (one forward pass)."""
+    return self.batch_mean(self.loss.value(self.predict(params), self.targets))
 
   @classmethod
   def tree_unflatten(cls, static, children):
@@ -89,12 +113,12 @@ class Linearization:
 
   def jvp(self, v: PyTree) -> Array:
     """``J v``: parameter-space tangent to output space."""
-    return self._jvp(v)
+    return self._jvp(self._as_params(v))
 
   def vjp(self, u: Array) -> PyTree:
     """``Jᵀ u``: output-space cotangent pulled back to parameters."""
     (result,) = jax.linear_transpose(self._jvp, self.params)(u)
-    return result
+    return self.batch_mean(result)
 
   def output_hvp(self, u: Array) -> Array:
     """``H_L u`` in output space (closed form for the canonical losses)."""
@@ -142,7 +166,7 @@ class Linearization:
     if self._hessian_linearization is None:
       objective = lambda p: self.loss.value(self.predict(p), self.targets)
       _, self._hessian_linearization = jax.linearize(jax.grad(objective), self.params)
-    return self._hessian_linearization(v)
+    return self.batch_mean(self._hessian_linearization(self._as_params(v)))
 
   def product(self, curvature: str) -> Callable[[PyTree], PyTree]:
     """The product named ``"ggn"``, ``"hessian"`` or ``"fisher"``."""
@@ -155,7 +179,7 @@ class Linearization:
 
 def linearize(predict_fn: Callable[[PyTree], Any], params: PyTree, *,
               loss: "losses_lib.Loss | str", targets: Array,
-              has_aux: bool = False) -> Linearization:
+              has_aux: bool = False, axis_name: Optional[str] = None) -> Linearization:
   """Linearise ``predict_fn`` at ``params`` (one forward pass) for curvature products.
 
   Args:
@@ -166,8 +190,17 @@ def linearize(predict_fn: Callable[[PyTree], Any], params: PyTree, *,
     loss: a :class:`curvax.losses.Loss` or its name.
     targets: what the loss compares the outputs with.
     has_aux: whether ``predict_fn`` returns ``(outputs, aux)``.
+    axis_name: the mapped axis (``shard_map`` / ``pmap``) the batch is split over, evenly;
+      every batch reduction is then averaged over it (:meth:`Linearization.batch_mean`).
+      Not needed under plain ``jax.jit`` with sharded inputs, where XLA partitions the
+      global computation itself.
   """
   loss = losses_lib.get(loss)
+  if axis_name is not None:
+    # Mark the replicated parameters as device-varying: otherwise shard_map's transpose
+    # would already sum the cotangents over the axis, and batch_mean would be applied
+    # to a sum instead of to each device's own contribution.
+    params = _device_varying(params, axis_name)
   if has_aux:
     outputs, jvp_fn, aux = jax.linearize(predict_fn, params, has_aux=True)
     predict = lambda p: predict_fn(p)[0]
@@ -175,8 +208,19 @@ def linearize(predict_fn: Callable[[PyTree], Any], params: PyTree, *,
     outputs, jvp_fn = jax.linearize(predict_fn, params)
     aux, predict = None, predict_fn
   loss_value, output_grad = loss.value_and_grad(outputs, targets)
+  if axis_name is not None:
+    loss_value = jax.lax.pmean(loss_value, axis_name)
   return Linearization(params, targets, outputs, aux, loss_value, output_grad, jvp_fn,
-                       loss, predict)
+                       loss, predict, axis_name)
+
+
+def _device_varying(tree: PyTree, axis_name: str) -> PyTree:
+  """``tree`` typed as varying over ``axis_name`` (a no-op where it already is)."""
+  def cast(x):
+    if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+  return jax.tree.map(cast, tree)
 
 
 def ggn_vp(predict_fn, params, v, *, loss, targets) -> PyTree:

@@ -27,9 +27,13 @@ from curvax import losses as losses_lib
 
 def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
                        predict_fn: Optional[Callable] = None, targets=None,
-                       linearization: Optional[cvp.Linearization] = None
-                       ) -> cvp.Linearization:
-  """The step's linearisation, built from ``predict_fn``/``targets`` or passed in."""
+                       linearization: Optional[cvp.Linearization] = None,
+                       axis_name: Optional[str] = None) -> cvp.Linearization:
+  """The step's linearisation, built from ``predict_fn``/``targets`` or passed in.
+
+  ``axis_name`` is the solver's data-parallel axis (see :func:`curvax.linearize`); a
+  passed-in linearisation must have been built with the same one.
+  """
   if params is None:
     raise ValueError(f"{solver}: params are required: call "
                      "tx.update(updates, state, params, predict_fn=..., targets=...).")
@@ -37,6 +41,10 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
     if predict_fn is not None:
       raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
                        "not both.")
+    if linearization.axis_name != axis_name:
+      raise ValueError(
+          f"{solver}: the linearization was built with axis_name="
+          f"{linearization.axis_name!r} but the solver has axis_name={axis_name!r}.")
     return linearization
   if predict_fn is None or targets is None:
     missing = [n for n, v in (("predict_fn", predict_fn), ("targets", targets))
@@ -48,7 +56,8 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
   if not callable(predict_fn):
     raise TypeError(f"{solver}: predict_fn must be callable params -> outputs, got "
                     f"{type(predict_fn).__name__}.")
-  return cvp.linearize(predict_fn, params, loss=loss, targets=targets)
+  return cvp.linearize(predict_fn, params, loss=loss, targets=targets,
+                       axis_name=axis_name)
 
 
 def given_gradient(updates):
@@ -62,18 +71,25 @@ def given_gradient(updates):
   return updates
 
 
-def objective(loss: "losses_lib.Loss | str") -> Callable[..., jax.Array]:
-  """``value_fn(params, predict_fn=None, targets=None, linearization=None)`` for line searches.
+def objective(loss: "losses_lib.Loss | str", *,
+              axis_name: Optional[str] = None) -> Callable[..., jax.Array]:
+  """``value_fn(params, predict_fn=None, targets=None, linearization=None, ...)``.
 
-  Evaluates ``loss(predict_fn(params), targets)``; with ``linearization`` it uses the
-  network and targets stored in it (auxiliary outputs dropped).
+  The ``value_fn`` optax's line searches need. Evaluates ``loss(predict_fn(params),
+  targets)``; with ``linearization`` it uses the network and targets stored in it
+  (auxiliary outputs dropped). With ``axis_name`` the value is averaged over that
+  data-parallel axis. The curvature sub-batch arguments of Hessian-free and the
+  quasi-Newton solvers are accepted and ignored.
   """
   loss = losses_lib.get(loss)
 
-  def value_fn(params, predict_fn=None, targets=None, linearization=None):
+  def value_fn(params, predict_fn=None, targets=None, linearization=None,
+               curvature_predict_fn=None, curvature_targets=None):
+    del curvature_predict_fn, curvature_targets
     if linearization is not None:
-      return linearization.loss.value(linearization.predict(params), linearization.targets)
-    return loss.value(predict_fn(params), targets)
+      return linearization.loss_at(params)
+    value = loss.value(predict_fn(params), targets)
+    return value if axis_name is None else jax.lax.pmean(value, axis_name)
 
   return value_fn
 

@@ -1,8 +1,18 @@
-"""Shared fixtures: precision switching and tolerances per dtype."""
+"""Shared fixtures: precision switching and tolerances per dtype.
 
-import jax
-import jax.numpy as jnp
-import pytest
+Eight host CPU devices for the data-parallel tests: XLA reads the flag when the backend
+starts, which is after this file is imported and before any test runs.
+"""
+
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
+
+import jax  # noqa: E402  (after the flag)
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(params=["float32", "float64"])

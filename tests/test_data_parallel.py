@@ -1,0 +1,100 @@
+"""Data parallelism: each product under ``shard_map`` over 8 host devices with
+``axis_name`` equals the same product on the global batch on one device.
+
+The 8 CPU devices come from ``XLA_FLAGS`` set in ``tests/conftest.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import curvax
+
+NUM_DEVICES = 8
+AXIS = "data"
+BATCH = 16  # two examples per device
+
+
+def _mesh():
+  if jax.device_count() < NUM_DEVICES:
+    pytest.skip(f"needs {NUM_DEVICES} devices (XLA_FLAGS from tests/conftest.py)")
+  return jax.make_mesh((NUM_DEVICES,), (AXIS,))
+
+
+MODES = ["shard_map", "shard_map/no_vma", "pmap"]
+
+
+def data_parallel(fn, mode="shard_map"):
+  """``fn(params, x, y)`` with the batch split over 8 devices; results replicated.
+
+  ``mode``: ``shard_map`` (with JAX's varying-axis type checks), ``shard_map/no_vma``
+  (``check_vma=False``) or ``pmap``.
+  """
+  mesh = _mesh()
+  if mode == "pmap":
+    mapped = jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0, 0))
+    split = lambda a: a.reshape((NUM_DEVICES, -1) + a.shape[1:])
+    return lambda p, x, y: jax.tree.map(lambda r: r[0], mapped(p, split(x), split(y)))
+  in_specs = (P(), P(AXIS), P(AXIS))
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(),
+                                 check_vma=mode == "shard_map"))
+
+  def call(*args):
+    placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+              for a, spec in zip(args, in_specs)]
+    return mapped(*placed)
+  return call
+
+
+def problem(loss_name="softmax_cross_entropy"):
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = {"w1": jax.random.normal(k1, (4, 6)) / 2, "b1": jnp.full((6,), 0.1),
+            "w2": jax.random.normal(k2, (6, 3)) / 2}
+  x = jax.random.normal(k3, (BATCH, 4))
+  if loss_name == "softmax_cross_entropy":
+    y = jax.random.randint(k4, (BATCH,), 0, 3)
+  else:
+    y = jax.random.normal(k4, (BATCH, 3))
+  return params, x, y
+
+
+def mlp(params, x):
+  return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+
+
+def _products(axis_name, loss_name):
+  def fn(params, x, y):
+    lin = curvax.linearize(lambda p: mlp(p, x), params, loss=loss_name, targets=y,
+                           axis_name=axis_name)
+    v = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape),
+                     params)
+    jv = lin.jvp(v)
+    shifted = jax.tree.map(lambda a: a + 0.1, params)
+    return {"loss": lin.loss_value, "grad": lin.grad(), "ggn": lin.ggn_vp(v),
+            "fused": lin.fused_ggn_vp(v).product, "fisher": lin.fisher_vp(v),
+            "hessian": lin.hessian_vp(v), "vGv": lin.output_vdot(jv, lin.output_hvp(jv)),
+            "loss_at": lin.loss_at(shifted)}
+  return fn
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss_name", ["softmax_cross_entropy", "squared_error"])
+def test_every_product_equals_the_global_batch_product(loss_name, mode):
+  params, x, y = problem(loss_name)
+  expected = jax.jit(_products(None, loss_name))(params, x, y)
+  got = data_parallel(_products(AXIS, loss_name), mode)(params, x, y)
+  for name in expected:
+    for e, g in zip(jax.tree.leaves(expected[name]), jax.tree.leaves(got[name])):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_objective_averages_over_the_axis():
+  params, x, y = problem()
+  loss = curvax.losses.softmax_cross_entropy()
+  value_fn = curvax.objective(loss, axis_name=AXIS)
+  got = data_parallel(lambda p, xs, ys: value_fn(p, predict_fn=lambda q: mlp(q, xs),
+                                                 targets=ys))(params, x, y)
+  np.testing.assert_allclose(got, loss.value(mlp(params, x), y), rtol=1e-6)
+
