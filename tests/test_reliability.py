@@ -1,0 +1,203 @@
+"""One reliability suite for every solver: checkpointing, determinism, retracing,
+non-finite batches, bfloat16 parameters.
+
+Each solver trains a tiny tanh MLP on fixed synthetic batches; the references are the
+same solver's own uninterrupted run (bit-for-bit on CPU) or first principles.
+"""
+
+import functools
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvax
+
+LOSS = "softmax_cross_entropy"
+STEPS = 6
+
+SOLVERS = {
+    "curveball": lambda: curvax.curveball(LOSS, damping=1.0),
+    "curveball/fixed": lambda: curvax.curveball(LOSS, rho=0.9, beta=0.1),
+    "hessian_free": lambda: curvax.hessian_free(LOSS, max_cg_iters=5, min_cg_iters=2),
+    "sqn": lambda: curvax.sqn(LOSS, learning_rate=0.5, memory=3, pair_period=2),
+    "lsr1": lambda: curvax.lsr1(LOSS, learning_rate=0.5, memory=3),
+}
+
+
+def init_params(dtype=jnp.float32):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {"w1": (jax.random.normal(k1, (5, 8)) / 2).astype(dtype),
+          "b1": jnp.zeros((8,), dtype),
+          "w2": (jax.random.normal(k2, (8, 3)) / 3).astype(dtype)}
+
+
+def batch(i, dtype=jnp.float32):
+  kx, ky = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), i))
+  return jax.random.normal(kx, (12, 5), dtype), jax.random.randint(ky, (12,), 0, 3)
+
+
+def predict(params, x):
+  return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+
+
+@functools.lru_cache(maxsize=None)
+def solver(name):
+  """``(tx, jitted step)`` per solver, shared by the tests so each compiles once."""
+  tx = SOLVERS[name]()
+  return tx, make_step(tx)
+
+
+def make_step(tx):
+  @jax.jit
+  def step(params, state, x, y):
+    updates, state = tx.update(None, state, params, predict_fn=lambda p: predict(p, x),
+                               targets=y)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def train(step, params, state, first, last):
+  for i in range(first, last):
+    params, state = step(params, state, *batch(i))
+  return params, state
+
+
+def assert_trees_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+solver_names = pytest.mark.parametrize("name", list(SOLVERS))
+
+
+@solver_names
+def test_resume_from_bytes_reproduces_the_uninterrupted_run(name):
+  tx, step = solver(name)
+  params = init_params()
+  full = train(step, params, tx.init(params), 0, STEPS)
+  mid_params, mid_state = train(step, params, tx.init(params), 0, STEPS // 2)
+  blob = flax.serialization.to_bytes((mid_params, mid_state))
+  template = (init_params(), tx.init(init_params()))
+  restored = flax.serialization.from_bytes(template, blob)
+  resumed = train(step, *restored, STEPS // 2, STEPS)
+  assert_trees_equal(resumed, full)
+
+
+@pytest.mark.parametrize("name", ["curveball", "hessian_free", "lsr1"])
+def test_resume_from_an_orbax_checkpoint_reproduces_the_uninterrupted_run(name, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx, step = solver(name)
+  params = init_params()
+  full = train(step, params, tx.init(params), 0, STEPS)
+  mid = train(step, params, tx.init(params), 0, STEPS // 2)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", mid)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt", target=mid)
+  restored = jax.tree.unflatten(jax.tree.structure(mid), jax.tree.leaves(restored))
+  resumed = train(step, *restored, STEPS // 2, STEPS)
+  assert_trees_equal(resumed, full)
+
+
+@solver_names
+def test_two_independently_built_runs_are_identical(name):
+  tx, step = solver(name)
+  other = SOLVERS[name]()
+  params = init_params()
+  assert_trees_equal(train(step, params, tx.init(params), 0, STEPS),
+                     train(make_step(other), params, other.init(params), 0, STEPS))
+
+
+@solver_names
+def test_no_retrace_after_the_first_step(name):
+  tx = SOLVERS[name]()
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    updates, state = tx.update(None, state, params, predict_fn=lambda p: predict(p, x),
+                               targets=y)
+    return optax.apply_updates(params, updates), state
+
+  params = init_params()
+  train(step, params, tx.init(params), 0, STEPS)
+  assert len(traces) == 1
+
+
+@solver_names
+def test_a_non_finite_batch_is_skipped_and_training_continues(name):
+  tx, step = solver(name)
+  params, state = train(step, init_params(), tx.init(init_params()), 0, 2)
+  x, y = batch(2)
+  bad_x = x.at[3, 1].set(jnp.nan)
+  new_params, new_state = step(params, state, bad_x, y)
+  assert_trees_equal(new_params, params)
+  assert_trees_equal(new_state._replace(num_skipped=state.num_skipped), state)
+  assert int(new_state.num_skipped) == int(state.num_skipped) + 1
+  # The next finite batch proceeds exactly as if the bad one had never come.
+  after, _ = step(new_params, new_state, x, y)
+  expected, _ = step(params, state, x, y)
+  assert_trees_equal(after, expected)
+
+
+# TODO(curvature in float32): remove once the quadratic model and the pair store promote.
+_BF16_PENDING = {"curveball", "lsr1"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="bf16 linalg"))
+    if n in _BF16_PENDING else n for n in SOLVERS])
+def test_bfloat16_parameters_train_without_nan(name):
+  tx, step = solver(name)
+  params = init_params(jnp.bfloat16)
+  state = tx.init(params)
+  x0, y0 = batch(0)
+  first = curvax.losses.get(LOSS).value(predict(params, x0.astype(jnp.bfloat16)), y0)
+  for i in range(STEPS):
+    x, y = batch(i)
+    params, state = step(params, state, x.astype(jnp.bfloat16), y)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+  assert int(state.num_skipped) == 0
+  last = curvax.losses.get(LOSS).value(predict(params, x0.astype(jnp.bfloat16)), y0)
+  assert float(last) < float(first)
+
+
+BAD_CONFIGS = [
+    (curvax.curveball, dict(damping=-1.0), "damping"),
+    (curvax.curveball, dict(damping_period=-1), "damping_period"),
+    (curvax.hessian_free, dict(damping=-1.0), "damping"),
+    (curvax.hessian_free, dict(max_cg_iters=0), "max_cg_iters"),
+    (curvax.sqn, dict(pair_period=0), "pair_period"),
+    (curvax.sqn, dict(memory=0), "memory"),
+    (curvax.lsr1, dict(learning_rate=0.0), "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("factory,kwargs,argument", BAD_CONFIGS,
+                         ids=[f"{f.__name__}-{a}" for f, _, a in BAD_CONFIGS])
+def test_bad_configuration_names_the_argument(factory, kwargs, argument):
+  with pytest.raises(ValueError, match=argument):
+    factory(LOSS, **kwargs)
+
+
+@pytest.mark.parametrize("factory", [curvax.curveball, curvax.hessian_free, curvax.sqn,
+                                     curvax.lsr1])
+def test_unknown_loss_name_is_a_value_error(factory):
+  with pytest.raises(ValueError, match="softmax_cross_entropie"):
+    factory("softmax_cross_entropie")
+
+
+@solver_names
+def test_missing_extra_arguments_name_them(name):
+  tx = SOLVERS[name]()
+  params = init_params()
+  with pytest.raises(ValueError, match="predict_fn"):
+    tx.update(None, tx.init(params), params, targets=batch(0)[1])
