@@ -66,8 +66,7 @@ class Dense(NamedTuple):
   hessian: np.ndarray
 
 
-def dense(predict, params, targets, loss_fn=cross_entropy) -> Dense:
-  """Dense matrices on flattened parameters (``ravel_pytree`` order)."""
+def _matrices(predict, params, targets, loss_fn):
   w, unravel = ravel_pytree(params)
   net = lambda v: predict(unravel(v))
   objective = lambda v: loss_fn(net(v), targets)
@@ -75,9 +74,39 @@ def dense(predict, params, targets, loss_fn=cross_entropy) -> Dense:
   jacobian = jax.jacobian(lambda v: net(v).reshape(-1))(w)
   output_hessian = jax.hessian(lambda o: loss_fn(o.reshape(outputs.shape), targets))(
       outputs.reshape(-1))
-  ggn = jacobian.T @ output_hessian @ jacobian
-  return Dense(float(objective(w)), np.asarray(jax.grad(objective)(w)), np.asarray(ggn),
-               np.asarray(jax.hessian(objective)(w)))
+  return (objective(w), jax.grad(objective)(w), jacobian.T @ output_hessian @ jacobian,
+          jax.hessian(objective)(w))
+
+
+def _as_dense(arrays) -> Dense:
+  value, grad, ggn, hessian = arrays
+  return Dense(float(value), np.asarray(grad), np.asarray(ggn), np.asarray(hessian))
+
+
+def dense(predict, params, targets, loss_fn=cross_entropy) -> Dense:
+  """Dense matrices on flattened parameters (``ravel_pytree`` order).
+
+  Jitted: eager ``jax.hessian`` dispatches (and compiles) hundreds of small operations,
+  which is far slower on CPU.
+  """
+  return _as_dense(jax.jit(lambda p, t: _matrices(predict, p, t, loss_fn))(params, targets))
+
+
+@jax.jit
+def _mlp_matrices(params, x, y):
+  return _matrices(lambda p: TinyMLP.predict(p, x), params, y, cross_entropy)
+
+
+def mlp_dense(params, x, y) -> Dense:
+  """:func:`dense` for :class:`TinyMLP` with cross-entropy (compiled once per shape)."""
+  return _as_dense(_mlp_matrices(params, x, y))
+
+
+_loss_values = jax.jit(lambda params, x, y: cross_entropy(TinyMLP.predict(params, x), y))
+
+
+def mlp_loss(params, x, y) -> float:
+  return float(_loss_values(params, x, y))
 
 
 def loss_at(predict, params, targets, loss_fn=cross_entropy) -> float:

@@ -71,7 +71,7 @@ def test_solves_damped_ggn_system_of_tiny_mlp():
   """``(G + λI) d = b`` with ``G`` the GGN of a tiny MLP, against a dense solve."""
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
-    dense = ref.dense(problem.predict_fn(), problem.params, problem.y)
+    dense = ref.mlp_dense(problem.params, problem.x, problem.y)
     n, damping = dense.ggn.shape[0], 0.1
     b_flat = np.random.default_rng(0).normal(size=n)
     expected = np.linalg.solve(dense.ggn + damping * np.eye(n), b_flat)
