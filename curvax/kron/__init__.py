@@ -1,0 +1,32 @@
+"""Kronecker-factored curvature: layer capture, factor estimators, damped inverses.
+
+The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curvax.kfra`
+(kfra_kflr.md §3, App. C):
+
+* :func:`capture` runs ``predict_fn`` once, finds its Flax ``nn.Dense`` / ``nn.Conv``
+  layers (or :func:`dense` tags in pure JAX / nnx code), and linearises the network in
+  the parameters and a zero perturbation of every layer output
+  (:mod:`curvax.kron.capture`);
+* :func:`kfac_factors`, :func:`kflr_factors`, :func:`kfra_factors` estimate each
+  layer's ``Q̃`` and ``𝒢̃`` (:mod:`curvax.kron.factors`);
+* :mod:`curvax.kron.state` keeps their moving averages and eigendecompositions and
+  applies the factored-damping inverse (:mod:`curvax.kron.inverse`).
+"""
+
+from curvax.kron import capture as capture_lib
+from curvax.kron import factors
+from curvax.kron import inverse
+from curvax.kron import state
+from curvax.kron.capture import Block, Capture, LayerCall, capture, conv_patches, dense
+from curvax.kron.factors import Estimate, chain_activations
+from curvax.kron.factors import kfac as kfac_factors
+from curvax.kron.factors import kflr as kflr_factors
+from curvax.kron.factors import kfra as kfra_factors
+from curvax.kron.inverse import Eigen, damped_kron_inverse, factored_inverse
+
+__all__ = [
+    "capture_lib", "factors", "inverse", "state",
+    "Block", "Capture", "LayerCall", "capture", "conv_patches", "dense",
+    "Estimate", "chain_activations", "kfac_factors", "kflr_factors", "kfra_factors",
+    "Eigen", "damped_kron_inverse", "factored_inverse",
+]

@@ -1,0 +1,282 @@
+"""Estimates of the Kronecker factors ``Q̃_λ`` and ``𝒢̃_λ`` (kfra_kflr.md §3.2–3.5).
+
+Each layer's GGN block is approximated as ``E[Q_λ] ⊗ E[𝒢_λ]`` (eq. 20) in the layout of
+the kernel reshaped to ``(in, out)`` (bias as an appended input row), flattened row-major:
+
+* ``Q̃ = (1/R) Σ_r a_r a_rᵀ`` over the layer's ``R`` input rows (eq. 21; rows are the
+  examples, times the positions of a convolution or sequence);
+* ``𝒢̃`` by one of three estimators, all written as ``Σ_{k, r} c_{k,r} c_{k,r}ᵀ`` over
+  the rows of per-layer sensitivities ``c = J_{h_λ}ᵀ u_k`` of output-space columns
+  ``u_k`` with ``Σ_k u_k u_kᵀ`` equal (or equal in expectation) to the per-example
+  blocks of ``H_L`` — curvax losses average over the batch, so ``H_L`` carries ``1/B``
+  and no further ``1/B`` appears:
+
+  - :func:`kflr`: ``u_k`` are the ``K`` columns of ``loss.hessian_sqrt`` (eq. 23–25),
+    pushed back with one vmapped backward pass — exact ``E[𝒢_λ]``;
+  - :func:`kfac`: ``u = √B ∇_o L(o, t̃)`` for targets ``t̃`` sampled from the model
+    (``loss.sample``), one backward pass per sample — the Monte-Carlo Fisher
+    (App. D.3, eq. 59), equal to KFLR in expectation;
+  - :func:`kfra`: no backward pass at all — the recursion
+    ``𝒢̃_{λ−1} = (W_λᵀ 𝒢̃_λ W_λ) ⊙ (1/B) Σ_n A′_n A′_nᵀ`` of Algorithm 1 (eq. 26),
+    started from ``𝒢̃_L = E[H_L]``, for chains of Dense layers with elementwise
+    activations.
+
+With one example (``B = 1``, one row per layer) KFLR and KFRA give exactly the diagonal
+GGN blocks ``Q_λ ⊗ 𝒢_λ`` (eq. 19, App. D.4).
+
+Parameters outside every block (see :mod:`curvax.kron.capture`) get a diagonal estimate
+``Σ_k (Jᵀ (r_k ⊙ u_k))²`` with a random sign ``r`` per column and example: its expectation
+is ``diag(Σ_n J_nᵀ H_n J_n)``, the diagonal of their GGN block (KFAC/KFLR only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from curvax.kron.capture import Capture
+
+Array = jax.Array
+Activation = Optional[Callable[[Array], Array]]
+
+
+class Estimate(NamedTuple):
+  """One batch's factor estimates.
+
+  Attributes:
+    q, g: per block of ``capture.blocks``, ``Q̃`` (``(q_dim, q_dim)``) and ``𝒢̃``
+      (``(out_dim, out_dim)``).
+    diag: per leaf of ``capture.fallback``, a diagonal curvature estimate (leaf-shaped),
+      or ``None`` where the estimator provides none.
+  """
+  q: tuple
+  g: tuple
+  diag: Optional[tuple]
+
+
+def input_factors(capture: Capture) -> tuple:
+  """``Q̃_λ = (1/R) Σ_r a_r a_rᵀ`` for every block (eq. 21, bias as an appended 1)."""
+  out = []
+  for block in capture.blocks:
+    a = capture.activations(block)
+    out.append(a.T @ a / a.shape[0])
+  return tuple(out)
+
+
+def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = None,
+                 fallback_diagonal: bool = True) -> Estimate:
+  """Factors from output-space columns ``u_k`` (shape ``(K, *outputs.shape)``).
+
+  ``𝒢̃ = Σ_{k, rows} (J_hᵀ u_k)(J_hᵀ u_k)ᵀ`` — one vmapped backward pass. With
+  ``key`` and fallback leaves, every column is multiplied by a random sign per example
+  first (this leaves ``𝒢̃`` unchanged when rows do not mix examples) so that the squared
+  parameter cotangents estimate the fallback leaves' GGN diagonal without cross-example
+  terms.
+  """
+  want_diag = fallback_diagonal and bool(capture.fallback)
+  if want_diag and key is not None:
+    batch = capture.batch_size
+    signs = jax.random.rademacher(key, (columns.shape[0], batch), columns.dtype)
+    columns = columns * signs.reshape(signs.shape + (1,) * (columns.ndim - 2))
+  param_ct, sensitivities = jax.vmap(capture.pullback)(columns)
+  g = []
+  for block in capture.blocks:
+    c = capture.sensitivity_rows(block, sensitivities, batch_dims=1)
+    c = c.reshape(-1, block.out_dim)
+    g.append(c.T @ c)
+  diag = None
+  if want_diag:
+    leaves = jax.tree.leaves(param_ct)
+    diag = tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in capture.fallback)
+  return Estimate(input_factors(capture), tuple(g), diag)
+
+
+def kflr(capture: Capture, key: Optional[Array] = None, *,
+         fallback_diagonal: bool = True) -> Estimate:
+  """KFLR: the exact ``E[𝒢_λ]`` from the ``K`` columns of ``H_L``'s square root.
+
+  kfra_kflr.md eq. 23–25: ``C_λ^k = B_λ W_{λ+1}ᵀ C_{λ+1}^k`` is the pullback of the
+  output column ``C_L^k`` — computed for every layer type by the backward pass.
+  """
+  lin = capture.lin
+  columns = lin.loss.hessian_sqrt(lin.outputs, lin.targets)
+  return from_columns(capture, columns, key=key, fallback_diagonal=fallback_diagonal)
+
+
+def sampled_columns(capture: Capture, sampled_targets: Array) -> Array:
+  """``√B ∇_o L(o, t̃)``: one output column whose outer product estimates ``H_L``.
+
+  ``loss.grad`` carries the batch mean's ``1/B``; per example the column is
+  ``∇ℓ(o_n, t̃_n) / √B``, so ``E_t̃[Σ c cᵀ]`` matches ``hessian_sqrt``'s scaling.
+  """
+  lin = capture.lin
+  grad = lin.loss.grad(lin.outputs, sampled_targets)
+  return grad * jnp.sqrt(jnp.asarray(capture.batch_size, grad.dtype))
+
+
+def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
+         fallback_diagonal: bool = True) -> Estimate:
+  """KFAC: the Monte-Carlo Fisher with targets sampled from the model (App. D.3).
+
+  ``𝒢̃ = (1/S) Σ_s Σ_n ∇_{h_n} ℓ(o_n, t̃_{s,n}) ∇_{h_n} ℓ(o_n, t̃_{s,n})ᵀ / B`` with
+  ``t̃ ~ p(t | o)`` (eq. 59); its expectation is KFLR's factor for the exponential-family
+  losses, where the Fisher equals the GGN (App. D.2).
+  """
+  lin = capture.lin
+  sample_key, sign_key = jax.random.split(key)
+  keys = jax.random.split(sample_key, num_samples)
+  targets = jax.vmap(lambda k: lin.loss.sample(k, lin.outputs, lin.targets))(keys)
+  columns = jax.vmap(lambda t: sampled_columns(capture, t))(targets)
+  columns = columns / jnp.sqrt(jnp.asarray(num_samples, columns.dtype))
+  return from_columns(capture, columns, key=sign_key, fallback_diagonal=fallback_diagonal)
+
+
+# ------------------------------------------------------------------ KFRA
+
+
+def output_hessian(capture: Capture, *, chunk: int = 128) -> Array:
+  """``𝒢̃_L = Σ_n (∇²_o L)_{nn}`` = ``(1/B) Σ_n H_n`` for outputs of shape ``(B, D)``.
+
+  Column ``j`` is ``Σ_n H_L (e_j broadcast over examples)``; columns are computed in
+  chunks of ``chunk`` to bound memory (``B × chunk × D``).
+  """
+  lin = capture.lin
+  outputs = lin.outputs
+  dim = outputs.shape[-1]
+
+  def column(e):
+    u = jnp.broadcast_to(e, outputs.shape)
+    return jnp.sum(lin.output_hvp(u), axis=0)
+
+  eye = jnp.eye(dim, dtype=outputs.dtype)
+  cols = jax.lax.map(column, eye, batch_size=min(dim, chunk))
+  return 0.5 * (cols + cols.T)
+
+
+def activation_derivative(activation: Activation, h: Array) -> Array:
+  """``f′(h)`` elementwise (``f = None`` is the identity)."""
+  if activation is None:
+    return jnp.ones_like(h)
+  return jax.jvp(activation, (h,), (jnp.ones_like(h),))[1]
+
+
+def check_chain(capture: Capture, activations: Sequence[Activation],
+                solver: str = "curvax.kfra") -> None:
+  """Trace-time checks that the model is a chain KFRA's recursion applies to.
+
+  Every block a Dense layer called once, in order, on 2-D inputs, each layer's input
+  size the previous one's output size, nothing outside the blocks, the network output
+  the last layer's output, and one activation per gap between layers.
+  """
+  def fail(why):
+    raise ValueError(
+        f"{solver}: KFRA's recursion (kfra_kflr.md Algorithm 1) needs a chain of Dense "
+        "layers with elementwise activations between them and the last layer's output as "
+        f"the network output; {why}. Use curvax.kflr or curvax.kfac for other models.")
+
+  calls = capture.calls
+  if any(c.kind != "dense" for c in calls):
+    fail("this model has convolutions")
+  if len(capture.blocks) != len(calls):
+    fail("a layer is called more than once or could not be factored")
+  if capture.fallback:
+    fail("parameters " + ", ".join(capture.leaf_names[i] for i in capture.fallback)
+         + " belong to no Dense layer")
+  for i, call in enumerate(calls):
+    if len(call.input_shape) != 2:
+      fail(f"layer {call.name} has input shape {call.input_shape}, not (batch, features)")
+    if i > 0 and call.in_dim != calls[i - 1].out_dim:
+      fail(f"layer {call.name} takes {call.in_dim} features but the layer before it "
+           f"gives {calls[i - 1].out_dim}")
+  if tuple(capture.lin.outputs.shape) != calls[-1].output_shape:
+    fail(f"the network output shape {tuple(capture.lin.outputs.shape)} is not the last "
+         f"layer's output shape {calls[-1].output_shape}")
+  if len(activations) != len(calls) - 1:
+    fail(f"activations has {len(activations)} entries for {len(calls)} layers (one per "
+         "gap between consecutive layers is needed)")
+
+
+def chain_mismatch(capture: Capture, activations: Sequence[Activation]) -> Array:
+  """Largest relative gap between the captured chain and ``a_λ = f_λ(h_λ)``, ``o = h_L``.
+
+  Zero (to rounding) exactly when the declared activations and the chain structure
+  describe what ``predict_fn`` computed.
+  """
+  gaps = []
+  for i, f in enumerate(activations):
+    h, a = capture.outputs[i], capture.inputs[i + 1]
+    expected = h if f is None else f(h)
+    gaps.append(jnp.max(jnp.abs(a - expected)) / (1.0 + jnp.max(jnp.abs(a))))
+  out = capture.lin.outputs
+  gaps.append(jnp.max(jnp.abs(out - capture.outputs[-1])) / (1.0 + jnp.max(jnp.abs(out))))
+  return jnp.max(jnp.stack([g.astype(jnp.float32) for g in gaps]))
+
+
+def _raise_if_mismatched(mismatch, tolerance, solver):
+  if float(mismatch) > tolerance:
+    raise ValueError(
+        f"{solver}: the model is not the chain KFRA was told it is: a layer's input differs "
+        f"from the declared activation of the previous layer's output (relative gap "
+        f"{float(mismatch):.3g}), or the network output is not the last Dense layer's "
+        "output (a skip connection, normalisation or pooling between layers?). Check "
+        "activations= or use curvax.kflr / curvax.kfac.")
+
+
+def verify_chain(capture: Capture, activations: Sequence[Activation], *,
+                 tolerance: float = 1e-3, solver: str = "curvax.kfra") -> None:
+  """Raises (at run time under jit, via ``jax.debug.callback``) if the chain is wrong."""
+  mismatch = chain_mismatch(capture, activations)
+  if isinstance(mismatch, jax.core.Tracer):
+    jax.debug.callback(_raise_if_mismatched, mismatch, tolerance, solver)
+  else:
+    _raise_if_mismatched(mismatch, tolerance, solver)
+
+
+def kfra(capture: Capture, activations: Union[Activation, Sequence[Activation]], *,
+         check: bool = True, solver: str = "curvax.kfra") -> Estimate:
+  """KFRA: Algorithm 1's backward recursion of the expected pre-activation GGN.
+
+  ``𝒢̃_L = E[H_L]``, then for ``λ = L … 2``:
+  ``𝒢̃_{λ−1} = (W_λᵀ 𝒢̃_λ W_λ) ⊙ ((1/B) Σ_n A′_n A′_nᵀ)`` with ``A′ = f′(h_{λ−1})``
+  (eq. 26; ``W_λᵀ 𝒢 W_λ = K 𝒢 Kᵀ`` for a Flax kernel ``K = W_λᵀ`` of shape
+  ``(in, out)``). The bias row of ``Q̃`` does not enter the recursion.
+
+  Args:
+    capture: a :class:`Capture` of a chain of Dense layers.
+    activations: the elementwise function between consecutive layers — one callable
+      for every gap, or a sequence with one entry per gap (``None``: linear). See
+      :func:`chain_activations` for curvax's MLP and autoencoder.
+    check: verify at run time that the declared chain is what the model computed.
+  """
+  num = len(capture.calls)
+  if activations is None or callable(activations):
+    activations = [activations] * (num - 1)
+  activations = list(activations)
+  check_chain(capture, activations, solver)
+  if check:
+    verify_chain(capture, activations, solver=solver)
+  batch = capture.batch_size
+  g = [None] * num
+  g[-1] = output_hessian(capture)
+  for lam in range(num - 1, 0, -1):
+    kernel = capture.leaves[capture.blocks[lam].kernel]
+    h_prev = capture.outputs[lam - 1]
+    d = activation_derivative(activations[lam - 1], h_prev)
+    propagated = kernel @ g[lam] @ kernel.T
+    g[lam - 1] = propagated * (d.T @ d) / batch
+  return Estimate(input_factors(capture), tuple(g), None)
+
+
+def chain_activations(model) -> list[Activation]:
+  """The activations between the layers of :class:`curvax.problems.models.MLP` or
+  :class:`~curvax.problems.models.Autoencoder`, for :func:`curvax.kfra`."""
+  from curvax.problems import models  # Local: problems is not a runtime dependency.
+  if isinstance(model, models.MLP):
+    return [model.activation] * (len(model.features) - 1)
+  if isinstance(model, models.Autoencoder):
+    encoder = len(model.hidden) - 1
+    return [model.activation] * encoder + [None] + [model.activation] * encoder
+  raise TypeError(f"chain_activations: unknown model type {type(model).__name__}; pass "
+                  "activations= to curvax.kfra as a list, one per gap between layers.")

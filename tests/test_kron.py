@@ -1,0 +1,405 @@
+"""Kronecker-factored curvature: capture, factor estimators and damped inverses against
+dense references built with jax.jacobian / jax.hessian, optax's losses and numpy."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from curvax import kron, losses
+from curvax.problems import models
+from tests import dense_reference as ref
+
+
+def _bce(outputs, targets):
+  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(outputs, targets), axis=-1))
+
+
+LOSSES = {
+    "softmax_cross_entropy": (losses.softmax_cross_entropy(), ref.cross_entropy,
+                              lambda k, b: jax.random.randint(k, (b,), 0, 3)),
+    "squared_error": (losses.squared_error(), ref.squared_error,
+                      lambda k, b: jax.random.normal(k, (b, 3), jnp.float64)),
+    "sigmoid_binary_cross_entropy": (losses.sigmoid_binary_cross_entropy(), _bce,
+                                     lambda k, b: jax.random.uniform(k, (b, 3), jnp.float64)),
+}
+
+
+def _estimate(predict, params, loss, targets, estimator):
+  """``estimator(capture)`` in one jitted function; returns ``(estimate, capture info)``."""
+  info = {}
+
+  def run(p):
+    cap = kron.capture(predict, p, loss=loss, targets=targets)
+    info.update(blocks=cap.blocks, fallback=cap.fallback, names=cap.leaf_names,
+                outputs=cap.lin.outputs, layer_outputs=cap.outputs)
+    return estimator(cap), cap.lin.outputs, cap.outputs
+
+  estimate, outputs, layer_outputs = jax.jit(run)(params)
+  info.update(outputs=outputs, layer_outputs=layer_outputs)
+  return estimate, info
+
+
+def _dense_ggn(predict, params, targets, loss_fn):
+  """``Jᵀ H_L J`` on ravel_pytree-flattened parameters (jitted jacobian / hessian)."""
+  w, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def ggn(w):
+    outputs = predict(unravel(w))
+    jacobian = jax.jacobian(lambda v: predict(unravel(v)).reshape(-1))(w)
+    hessian = jax.hessian(lambda o: loss_fn(o.reshape(outputs.shape), targets))(
+        outputs.reshape(-1))
+    return jacobian.T @ hessian @ jacobian
+
+  return np.asarray(ggn(w))
+
+
+def _offsets(params):
+  sizes = [leaf.size for leaf in jax.tree.leaves(params)]
+  return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _block_index(params, block):
+  """Flat (ravel_pytree) indices of a block in the Kronecker layout: kernel rows
+  (row-major ``(in, out)``), then the bias as the last input row."""
+  offsets = _offsets(params)
+  index = []
+  for i in range(block.q_dim):
+    for j in range(block.out_dim):
+      if i < block.in_dim:
+        index.append(offsets[block.kernel] + i * block.out_dim + j)
+      else:
+        index.append(offsets[block.bias] + j)
+  return np.asarray(index)
+
+
+def _flax_mlp(batch, key=0):
+  model = models.MLP(features=(4, 3, 3), activation=jnp.tanh)
+  x = jax.random.normal(jax.random.PRNGKey(key), (batch, 5), jnp.float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        model.init(jax.random.PRNGKey(key + 1), x))
+  return (lambda p: model.apply(p, x)), params
+
+
+def _tagged_mlp(batch, key=0):
+  """Pure JAX: a bias-free first layer, sigmoid, then a layer with bias."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(key), 4)
+  params = {"w1": jax.random.normal(k1, (4, 5), jnp.float64),
+            "w2": jax.random.normal(k2, (5, 3), jnp.float64) / 2,
+            "b2": 0.1 * jax.random.normal(k3, (3,), jnp.float64)}
+  x = jax.random.normal(k4, (batch, 4), jnp.float64)
+
+  def predict(p):
+    h = kron.dense(x, p["w1"])
+    return kron.dense(jax.nn.sigmoid(h), p["w2"], p["b2"])
+
+  def activations(p):  # hand forward pass: the inputs of each layer
+    return [x, jax.nn.sigmoid(x @ p["w1"])]
+
+  return predict, params, activations
+
+
+# ------------------------------------------------------- exactness at batch size one
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_batch_one_kflr_and_kfra_factors_are_the_ggn_blocks(loss_name):
+  """kfra_kflr.md eq. 19 / App. D.4: with one example Q ⊗ 𝒢 is the GGN block exactly."""
+  loss, loss_fn, make_targets = LOSSES[loss_name]
+  with jax.enable_x64(True):
+    for predict, params, activation in (_flax_mlp(1) + (jnp.tanh,),
+                                        _tagged_mlp(1)[:2] + (jax.nn.sigmoid,)):
+      targets = make_targets(jax.random.PRNGKey(7), 1)
+      ggn = _dense_ggn(predict, params, targets, loss_fn)
+      both = lambda cap: (kron.kflr_factors(cap), kron.kfra_factors(cap, activation))
+      estimates, info = _estimate(predict, params, loss, targets, both)
+      for estimate in estimates:
+        for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
+          index = _block_index(params, block)
+          np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)],
+                                     rtol=1e-9, atol=1e-12)
+
+
+def test_factors_for_a_batch_are_activation_covariance_and_expected_ggn():
+  """Q̃ = mean ã ãᵀ (eq. 21) and KFLR's 𝒢̃ = (1/B) Σ_n 𝒢_n (eq. 25), which is the GGN's
+  bias block for any batch size (the bias input is always 1)."""
+  with jax.enable_x64(True):
+    predict, params, activations = _tagged_mlp(5)
+    targets = jax.random.randint(jax.random.PRNGKey(3), (5,), 0, 3)
+    estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
+                               kron.kflr_factors)
+    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    a0, a1 = activations(params)
+    a1 = np.concatenate([a1, np.ones((5, 1))], axis=1)  # the bias's appended 1
+    np.testing.assert_allclose(estimate.q[0], a0.T @ a0 / 5, rtol=1e-12)
+    np.testing.assert_allclose(estimate.q[1], a1.T @ a1 / 5, rtol=1e-12)
+    offsets = _offsets(params)  # leaves: b2, w1, w2
+    bias = slice(offsets[0], offsets[1])
+    np.testing.assert_allclose(estimate.g[1], ggn[bias, bias], rtol=1e-9, atol=1e-12)
+    assert [b.bias is None for b in info["blocks"]] == [True, False]
+
+
+def test_kfra_recursion_matches_algorithm_1_by_hand():
+  """Algorithm 1 in numpy: 𝒢_L = mean_n H_n, 𝒢_{λ−1} = (Wᵀ𝒢W) ⊙ mean A′A′ᵀ."""
+  with jax.enable_x64(True):
+    predict, params, activations = _tagged_mlp(6)
+    targets = jax.random.normal(jax.random.PRNGKey(4), (6, 3), jnp.float64)
+    estimate, _ = _estimate(predict, params, losses.squared_error(), targets,
+                            lambda cap: kron.kfra_factors(cap, jax.nn.sigmoid))
+    x = np.asarray(activations(params)[0])
+    w1, w2 = np.asarray(params["w1"]), np.asarray(params["w2"])
+    g_out = 2.0 * np.eye(3)  # H_n of ‖o − t‖², the same for every example
+    s = 1 / (1 + np.exp(-(x @ w1)))
+    d = s * (1 - s)  # sigmoid′
+    g_hidden = (w2 @ g_out @ w2.T) * (d.T @ d / 6)
+    np.testing.assert_allclose(estimate.g[1], g_out, rtol=1e-12)
+    np.testing.assert_allclose(estimate.g[0], g_hidden, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------- KFAC
+
+
+def test_kfac_exact_expectation_over_classes_equals_kflr():
+  """Σ_c p_c 𝒢(t̃ = c) — the sampled factor's exact expectation — is KFLR's 𝒢
+  (App. D.2: Fisher = GGN for softmax cross-entropy)."""
+  with jax.enable_x64(True):
+    predict, params = _flax_mlp(1, key=3)
+    loss = losses.softmax_cross_entropy()
+
+    def per_class(cap):
+      sampled = [kron.factors.from_columns(
+          cap, kron.factors.sampled_columns(cap, jnp.array([c]))[None]).g
+                 for c in range(3)]
+      return sampled, kron.kflr_factors(cap).g
+
+    (sampled, exact), info = _estimate(predict, params, loss, jnp.array([0]), per_class)
+    probs = jax.nn.softmax(info["outputs"][0])
+    for layer, g in enumerate(exact):
+      expected = sum(probs[c] * sampled[c][layer] for c in range(3))
+      np.testing.assert_allclose(expected, g, rtol=1e-10, atol=1e-14)
+
+
+def test_kfac_monte_carlo_average_converges_to_kflr():
+  with jax.enable_x64(True):
+    predict, params = _flax_mlp(3, key=5)
+    targets = jax.random.uniform(jax.random.PRNGKey(1), (3, 3), jnp.float64)
+
+    def estimates(cap):
+      return kron.kflr_factors(cap).g, [
+          kron.kfac_factors(cap, jax.random.PRNGKey(0), num_samples=s).g
+          for s in (10, 4000)]
+
+    (exact, sampled_runs), _ = _estimate(
+        predict, params, losses.sigmoid_binary_cross_entropy(), targets, estimates)
+    errors = []
+    for sampled in sampled_runs:
+      errors.append(max(np.linalg.norm(s - e) / np.linalg.norm(e)
+                        for s, e in zip(sampled, exact)))
+    assert errors[1] < 0.05, errors
+    assert errors[1] < errors[0] / 4, errors
+
+
+# ------------------------------------------------------------------- convolutions
+
+
+class _TinyCNN(nn.Module):
+  kernel: tuple = (3, 3)
+  strides: int = 2
+  padding: str = "SAME"
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(2, self.kernel, strides=self.strides, padding=self.padding)(x)
+    return nn.Dense(3)(jnp.tanh(h).reshape(x.shape[0], -1))
+
+
+def _numpy_patches(x, k, stride, pad_before):
+  """Patches (kh, kw, c_in) row-major at every output position, by loops."""
+  batch, height, width, channels = x.shape
+  padded = np.pad(x, ((0, 0), (pad_before, k), (pad_before, k), (0, 0)))
+  out = (height + 2 * pad_before - k) // stride + 1 if pad_before == 0 else \
+      -(-height // stride)
+  rows = []
+  for n in range(batch):
+    for i in range(out):
+      for j in range(out):
+        window = padded[n, i * stride:i * stride + k, j * stride:j * stride + k, :]
+        rows.append(window.reshape(-1))
+  return np.asarray(rows).reshape(batch, out * out, k * k * channels)
+
+
+def test_conv_factors_match_dense_kfc_computation():
+  """KFC: Q̃ = mean over examples and positions of p̃ p̃ᵀ (patches by numpy loops), 𝒢̃ =
+  (1/B) Σ_n Σ_t J_{h_nt}ᵀ H_n J_{h_nt} (Jacobians of the rest of the network)."""
+  with jax.enable_x64(True):
+    model = _TinyCNN()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 2), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.PRNGKey(1), x))
+    targets = jnp.array([0, 2])
+    loss = losses.softmax_cross_entropy()
+    estimate, info = _estimate(lambda p: model.apply(p, x), params, loss, targets,
+                               kron.kflr_factors)
+    q, g = estimate.q[0], estimate.g[0]
+    assert info["blocks"][0].kind == "conv" and info["blocks"][0].in_dim == 18
+
+    patches = _numpy_patches(np.asarray(x), 3, 2, pad_before=1)  # SAME: (k − 1) // 2 … 
+    rows = np.concatenate([patches.reshape(-1, 18), np.ones((18, 1))], axis=1)
+    np.testing.assert_allclose(q, rows.T @ rows / rows.shape[0], rtol=1e-12)
+
+    p = params["params"]
+    kernel = np.asarray(p["Conv_0"]["kernel"]).reshape(18, 2)
+    h = patches @ kernel + np.asarray(p["Conv_0"]["bias"])  # (B, T, 2)
+    np.testing.assert_allclose(h.reshape(info["layer_outputs"][0].shape),
+                               info["layer_outputs"][0], rtol=1e-12)
+    rest = lambda hn: jnp.tanh(hn).reshape(-1) @ p["Dense_0"]["kernel"] + \
+        p["Dense_0"]["bias"]
+    jacobian_and_hessian = jax.jit(lambda hn, t: (
+        jax.jacobian(rest)(hn),
+        jax.hessian(lambda o: ref.cross_entropy(o[None], t[None]))(rest(hn))))
+    expected = np.zeros((2, 2))
+    for n in range(2):
+      jac, hess = jacobian_and_hessian(jnp.asarray(h[n]).reshape(3, 3, 2), targets[n])
+      jac, hess = np.asarray(jac).reshape(3, 9, 2), np.asarray(hess)  # jac: (out, t, c)
+      for t in range(9):
+        expected += jac[:, t, :].T @ hess @ jac[:, t, :] / 2
+    np.testing.assert_allclose(g, expected, rtol=1e-9, atol=1e-14)
+
+
+def test_conv_with_one_position_and_one_example_is_exact():
+  with jax.enable_x64(True):
+    model = _TinyCNN(kernel=(4, 4), strides=1, padding="VALID")
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 4, 2), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.PRNGKey(3), x))
+    targets = jnp.array([1])
+    predict = lambda p: model.apply(p, x)
+    estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
+                               kron.kflr_factors)
+    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
+      index = _block_index(params, block)
+      np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)],
+                                 rtol=1e-9, atol=1e-12)
+
+
+# -------------------------------------------------------------- damped inverses
+
+
+def test_damped_kron_inverse_matches_dense_solve():
+  with jax.enable_x64(True):
+    q = ref.spd_matrix(4, [3.0, 1.0, 0.2, 0.0], seed=1)
+    g = ref.spd_matrix(3, [2.0, 0.5, 0.1], seed=2)
+    v = np.random.default_rng(0).normal(size=(4, 3))
+    k = 0.3
+    omega = np.sqrt((np.trace(q) / 4) / (np.trace(g) / 3))  # eq. 38, trace norm
+    damped = np.kron(q + omega * np.sqrt(k) * np.eye(4), g + np.sqrt(k) / omega * np.eye(3))
+    expected = np.linalg.solve(damped, v.reshape(-1)).reshape(4, 3)
+    got = kron.factored_inverse(kron.inverse.eigh(jnp.asarray(q)),
+                                kron.inverse.eigh(jnp.asarray(g)), jnp.asarray(v),
+                                jnp.asarray(k), q_dim=4, g_dim=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    pi = 1.7
+    got = kron.damped_kron_inverse(kron.inverse.eigh(jnp.asarray(q)),
+                                   kron.inverse.eigh(jnp.asarray(g)), jnp.asarray(v),
+                                   pi, 1 / pi)
+    dense = np.kron(q + pi * np.eye(4), g + np.eye(3) / pi)
+    np.testing.assert_allclose(got.reshape(-1), np.linalg.solve(dense, v.reshape(-1)),
+                               rtol=1e-10)
+
+
+# --------------------------------------------------------------------- fallback
+
+
+class _WithLayerNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.LayerNorm()(jnp.tanh(nn.Dense(4)(x))))
+
+
+def test_unfactored_parameters_warn_and_get_their_ggn_diagonal():
+  """With one example, Σ_k (Jᵀ r_k C_k)² is exactly the GGN diagonal."""
+  with jax.enable_x64(True):
+    model = _WithLayerNorm()
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 3), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.PRNGKey(1), x))
+    targets = jnp.array([2])
+    predict = lambda p: model.apply(p, x)
+    with pytest.warns(UserWarning, match="LayerNorm"):
+      estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
+                                 lambda cap: kron.kflr_factors(cap, jax.random.PRNGKey(0)))
+    names = [info["names"][i] for i in info["fallback"]]
+    assert len(names) == 2 and all("LayerNorm" in n for n in names)
+    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    offsets = _offsets(params)
+    for i, diag in zip(info["fallback"], estimate.diag):
+      span = slice(offsets[i], offsets[i + 1])
+      np.testing.assert_allclose(diag.reshape(-1), np.diag(ggn)[span], rtol=1e-9,
+                                 atol=1e-14)
+
+
+# ------------------------------------------------------------------- bad inputs
+
+
+def test_model_without_layers_is_a_clear_error():
+  params = {"w": jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match="found no Dense or Conv layer"):
+    kron.capture(lambda p: jnp.ones((4, 3)) @ p["w"], params, loss="squared_error",
+                 targets=jnp.zeros((4, 2)))
+
+
+def test_transformed_weight_is_not_captured():
+  params = {"w": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="not a leaf"):
+    kron.capture(lambda p: kron.dense(jnp.ones((4, 3)), p["w"].T), params,
+                 loss="squared_error", targets=jnp.zeros((4, 2)))
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(3)(x)
+    return nn.Dense(3)(jnp.tanh(h)) + h  # a skip connection: not a chain
+
+
+def _kfra(model, x, targets, loss, activations):
+  params = model.init(jax.random.PRNGKey(0), x)
+  run = lambda p: kron.kfra_factors(
+      kron.capture(lambda q: model.apply(q, x), p, loss=loss, targets=targets),
+      activations).g
+  return jax.block_until_ready(jax.jit(run)(params))
+
+
+def test_kfra_refuses_models_that_are_not_chains():
+  images, x = jnp.ones((2, 5, 5, 2)), jnp.ones((2, 3))
+  labels = jnp.array([0, 1])
+  with pytest.raises(ValueError, match="convolutions"):
+    _kfra(_TinyCNN(), images, labels, "softmax_cross_entropy", jnp.tanh)
+  with pytest.warns(UserWarning), pytest.raises(ValueError, match="belong to no Dense"):
+    _kfra(_WithLayerNorm(), x, labels, "softmax_cross_entropy", jnp.tanh)
+  mlp = models.MLP(features=(4, 3))
+  with pytest.raises(ValueError, match="activations has 2 entries"):
+    _kfra(mlp, x, labels, "softmax_cross_entropy", [jnp.tanh, jnp.tanh])
+  # Declared relu, the model has tanh: caught at run time, inside jit.
+  with pytest.raises(Exception, match="not the chain"):
+    _kfra(mlp, x, labels, "softmax_cross_entropy", jax.nn.relu)
+  _kfra(mlp, x, labels, "softmax_cross_entropy", jnp.tanh)  # the right description
+  with pytest.raises(Exception, match="not the chain"):  # a skip connection
+    _kfra(_Residual(), x, jnp.zeros((2, 3)), "squared_error", jnp.tanh)
+
+
+def test_chain_activations_of_the_paper_models():
+  assert kron.chain_activations(models.MLP(features=(4, 3, 2))) == [jnp.tanh, jnp.tanh]
+  sig = nn.sigmoid
+  assert kron.chain_activations(models.Autoencoder(hidden=(6, 4, 2))) == [
+      sig, sig, None, sig, sig]
+  with pytest.raises(TypeError, match="unknown model"):
+    kron.chain_activations(models.BasicCNN())
