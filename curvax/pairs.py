@@ -7,9 +7,9 @@ so the store is a fixed-shape pytree that jit and ``lax.cond`` carry unchanged.
 * :func:`lbfgs_inverse_product` — the L-BFGS two-loop recursion (Nocedal & Wright,
   Alg. 7.4) with ``H₀ = (sᵀy / yᵀy) I`` from the newest pair: used by SQN.
 * :func:`sr1_inverse_product` — the compact limited-memory SR1 inverse (Byrd, Nocedal &
-  Schnabel 1994): ``H = H₀ + (S − H₀Y)(D + L + Lᵀ − YᵀH₀Y)⁻¹(S − H₀Y)ᵀ`` with
-  ``SᵀY = L + D + U``, the middle matrix inverted on its well-conditioned eigenspace
-  only: used by L-SR1.
+  Schnabel 1994, eq. 5.2): ``H = H₀ + (S − H₀Y)(R + Rᵀ − D − YᵀH₀Y)⁻¹(S − H₀Y)ᵀ`` with
+  ``R`` the upper triangle (diagonal ``D`` included) of ``SᵀY``, the middle matrix
+  inverted on its well-conditioned eigenspace only: used by L-SR1.
 * :func:`sr1_accepts` — the standard SR1 skipping rule
   ``|yᵀ(s − Hy)| ≥ r ‖y‖ ‖s − Hy‖``.
 """
@@ -82,7 +82,7 @@ def lbfgs_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
 def sr1_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
   """``H g`` with ``H`` the compact limited-memory SR1 inverse approximation.
 
-  Invalid slots are masked out of the middle matrix ``M = D + L + Lᵀ − YᵀH₀Y`` (they
+  Invalid slots are masked out of the middle matrix ``M = R + Rᵀ − D − YᵀH₀Y`` (they
   get a diagonal entry there and zero columns elsewhere), so they contribute nothing.
 
   ``M`` is inverted on its well-conditioned eigenspace only: eigenvalues with
@@ -98,10 +98,10 @@ def sr1_inverse_product(store: PairStore, g: jax.Array) -> jax.Array:
   s = jnp.where(valid[:, None], store.s, 0.0)
   y = jnp.where(valid[:, None], store.y, 0.0)
   w = s - gamma * y                          # columns of S − H₀Y
-  sty = s @ y.T
-  lower_and_diag = jnp.tril(sty)             # L + D
+  sty = s @ y.T                              # (SᵀY)_ij = s_iᵀ y_j
   yhy = gamma * (y @ y.T)
-  middle = lower_and_diag + jnp.tril(sty, -1).T - yhy
+  # Inverse form: the UPPER triangle R of SᵀY (the direct form's L + D with s ↔ y).
+  middle = jnp.triu(sty) + jnp.triu(sty, 1).T - yhy
   mask = valid[:, None] & valid[None, :]
   middle = jnp.where(mask, middle, 0.0)
   # The size of the terms M is a difference of, so cancellation shows up as small.

@@ -40,13 +40,20 @@ def _sr1_inverse(s_list, y_list):
   return h
 
 
-def _pairs(count, *, definite=True, seed=0):
-  """``count`` pairs with ``y = A s`` for a fixed SPD (or indefinite) ``A``."""
+def _pairs(count, *, definite=True, shared=True, seed=0):
+  """``count`` pairs ``y_i = A_i s_i`` with SPD (or indefinite) ``A_i``.
+
+  ``shared``: one ``A`` for all pairs (then ``SᵀY`` is symmetric); otherwise a new
+  matrix per pair, as when curvature is measured at different iterates and batches.
+  """
   eigenvalues = np.linspace(0.5, 4.0, N) if definite else np.linspace(-2.0, 3.0, N)
-  a = ref.spd_matrix(N, eigenvalues, seed=seed)
   rng = np.random.default_rng(seed)
-  s_list = [rng.normal(size=N) for _ in range(count)]
-  return s_list, [a @ s for s in s_list]
+  s_list, y_list = [], []
+  for i in range(count):
+    a = ref.spd_matrix(N, eigenvalues, seed=seed if shared else 100 * seed + i)
+    s_list.append(rng.normal(size=N))
+    y_list.append(a @ s_list[-1])
+  return s_list, y_list
 
 
 def _store(s_list, y_list, memory):
@@ -58,9 +65,10 @@ def _store(s_list, y_list, memory):
 
 
 @pytest.mark.parametrize("count,memory", [(5, 5), (3, 5), (1, 4), (8, 5)])
-def test_lbfgs_two_loop_equals_dense_bfgs_recursion(count, memory):
+@pytest.mark.parametrize("shared", [True, False])
+def test_lbfgs_two_loop_equals_dense_bfgs_recursion(count, memory, shared):
   with jax.enable_x64(True):
-    s_list, y_list = _pairs(count, seed=count)
+    s_list, y_list = _pairs(count, shared=shared, seed=count)
     store = _store(s_list, y_list, memory)
     kept = slice(max(0, count - memory), count)
     h = _bfgs_inverse(s_list[kept], y_list[kept])
@@ -75,17 +83,19 @@ def test_lbfgs_two_loop_equals_dense_bfgs_recursion(count, memory):
 
 @pytest.mark.parametrize("count,memory", [(5, 5), (3, 5), (2, 4), (8, 5)])
 @pytest.mark.parametrize("definite", [True, False])
-def test_sr1_compact_inverse_equals_dense_sr1_recursion(count, memory, definite):
+@pytest.mark.parametrize("shared", [True, False])
+def test_sr1_compact_inverse_equals_dense_sr1_recursion(count, memory, definite, shared):
   with jax.enable_x64(True):
-    s_list, y_list = _pairs(count, definite=definite, seed=count)
+    s_list, y_list = _pairs(count, definite=definite, shared=shared, seed=count)
     store = _store(s_list, y_list, memory)
     kept = slice(max(0, count - memory), count)
     h = _sr1_inverse(s_list[kept], y_list[kept])
     g = np.random.default_rng(11).normal(size=N)
     got = jax.jit(pairs.sr1_inverse_product)(store, jnp.asarray(g))
     np.testing.assert_allclose(np.asarray(got), h @ g, rtol=1e-8, atol=1e-10)
-    # SR1 is hereditary: every stored pair satisfies H y_i = s_i.
-    for s, y in zip(s_list[kept], y_list[kept]):
+    # The newest pair satisfies the secant equation H y = s; with one shared matrix SR1
+    # is hereditary and every stored pair does.
+    for s, y in list(zip(s_list[kept], y_list[kept]))[0 if shared else -1:]:
       np.testing.assert_allclose(np.asarray(pairs.sr1_inverse_product(store, jnp.asarray(y))),
                                  s, rtol=1e-7, atol=1e-9)
 
