@@ -10,10 +10,9 @@ vmapped over seeds (each seed: its own starting point and noise stream).
 
 Methods: CurveBall (λ₀ = 1, see ``CURVEBALL_DAMPING``; otherwise defaults); SGD +
 momentum 0.9 and Adam with the learning rate picked from {10⁻ᵏ} by grid search (as the
-paper); Levenberg-Marquardt (dense GGN
-solve, the shared LM rule of :mod:`curvax.quadratic`); and, standing in for BFGS,
-``optax.lbfgs`` (memory 10) with its zoom line search, which uses cubic interpolation like
-the paper's BFGS. Writes ``benchmarks/results/curveball_table1.{json,png}``.
+paper); Levenberg-Marquardt (dense GGN solve, the shared LM rule of
+:mod:`curvax.quadratic`); and, standing in for BFGS, ``optax.lbfgs`` (memory 10) with its
+zoom line search, which uses cubic interpolation like the paper's BFGS. Writes ``benchmarks/results/curveball_table1.{json,png}``.
 """
 
 from __future__ import annotations
