@@ -1,0 +1,312 @@
+"""SQN and L-SR1: curvature pairs, skipping, directions and line-search composition.
+
+Pairs are recomputed here from the iterates the solver saw, with dense GGN matrices of
+a tiny MLP (``tests/dense_reference.py``); directions from the dense BFGS / SR1
+recursions.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from tests import dense_reference as ref
+
+LOSS = "softmax_cross_entropy"
+
+
+def _batches(steps, size=6, seed=1):
+  """Per-step gradient and curvature batches of the tiny MLP's shape."""
+  key = jax.random.PRNGKey(seed)
+  out = []
+  for t in range(steps):
+    k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, t), 4)
+    out.append((jax.random.normal(k1, (size, 3), jnp.float64),
+                jax.random.randint(k2, (size,), 0, 3),
+                jax.random.normal(k3, (size // 2, 3), jnp.float64),
+                jax.random.randint(k4, (size // 2,), 0, 3)))
+  return out
+
+
+def _stepper(tx, curvature_batch):
+  def step(params, state, x, y, cx, cy):
+    extra = {}
+    if curvature_batch:
+      extra = dict(curvature_predict_fn=lambda p: ref.TinyMLP.predict(p, cx),
+                   curvature_targets=cy)
+    return tx.update(None, state, params, predict_fn=lambda p: ref.TinyMLP.predict(p, x),
+                     targets=y, **extra)
+  return jax.jit(step)
+
+
+def _bfgs_inverse(s_list, y_list, n):
+  if not s_list:
+    return np.eye(n)
+  h = (s_list[-1] @ y_list[-1]) / (y_list[-1] @ y_list[-1]) * np.eye(n)
+  for s, y in zip(s_list, y_list):
+    rho = 1.0 / (s @ y)
+    left = np.eye(n) - rho * np.outer(s, y)
+    h = left @ h @ left.T + rho * np.outer(s, s)
+  return h
+
+
+def _sr1_inverse(s_list, y_list, n):
+  """Dense SR1 recursion from ``γI`` (a lone pair adds no correction: its denominator
+  ``yᵀ(s − γy)`` is zero by the choice of ``γ``)."""
+  if not s_list:
+    return np.eye(n)
+  h = (s_list[-1] @ y_list[-1]) / (y_list[-1] @ y_list[-1]) * np.eye(n)
+  if len(s_list) == 1:
+    return h
+  for s, y in zip(s_list, y_list):
+    residual = s - h @ y
+    h = h + np.outer(residual, residual) / (residual @ y)
+  return h
+
+
+def test_sqn_pairs_are_averaged_iterate_differences_times_curvature():
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp()
+    period, lr = 2, 0.3
+    tx = curvax.sqn(LOSS, learning_rate=lr, memory=5, pair_period=period,
+                    curvature_batch=True)
+    step = _stepper(tx, curvature_batch=True)
+    params, state = problem.params, tx.init(problem.params)
+    w0, unravel = ravel_pytree(params)
+    n = w0.size
+    seen, s_ref, y_ref = [], [], []
+    for t, (x, y, cx, cy) in enumerate(_batches(7)):
+      seen.append(np.asarray(ravel_pytree(params)[0]))
+      updates, state = step(params, state, x, y, cx, cy)
+      if (t + 1) % period == 0 and t + 1 >= 2 * period:
+        average = np.mean(seen[-period:], axis=0)
+        previous = np.mean(seen[-2 * period:-period], axis=0)
+        s = average - previous
+        ggn = ref.mlp_dense(unravel(jnp.asarray(average)), cx, cy).ggn
+        s_ref.append(s)
+        y_ref.append(ggn @ s)
+      grad = ref.mlp_dense(params, x, y).grad
+      expected = -lr * _bfgs_inverse(s_ref, y_ref, n) @ grad
+      np.testing.assert_allclose(ref.flat(updates), expected, rtol=1e-7, atol=1e-12,
+                                 err_msg=f"step {t}")
+      params = optax.apply_updates(params, updates)
+    assert len(s_ref) == 2 and int(state.pairs.count) == 2
+    np.testing.assert_allclose(np.asarray(state.pairs.s[-2:]), np.stack(s_ref), rtol=1e-9,
+                               atol=1e-14)
+    np.testing.assert_allclose(np.asarray(state.pairs.y[-2:]), np.stack(y_ref), rtol=1e-7,
+                               atol=1e-14)
+
+
+def test_lsr1_pairs_skipping_and_direction_match_dense_recursion():
+  """``s = w_t − w_{t−1}``, ``y = G(w_t) s`` on the step's batch; a strict skipping
+  tolerance makes both outcomes of the rule occur."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp()
+    tolerance, lr = 0.3, 0.5
+    tx = curvax.lsr1(LOSS, learning_rate=lr, memory=4, skip_tolerance=tolerance)
+    step = _stepper(tx, curvature_batch=False)
+    params, state = problem.params, tx.init(problem.params)
+    _, unravel = ravel_pytree(params)
+    s_ref, y_ref, outcomes, previous = [], [], [], None
+    for t, (x, y, cx, cy) in enumerate(_batches(12, seed=2)):
+      w = np.asarray(ravel_pytree(params)[0])
+      dense = ref.mlp_dense(params, x, y)
+      n = w.size
+      if previous is not None:
+        s = w - previous
+        y_pair = dense.ggn @ s
+        residual = s - _sr1_inverse(s_ref, y_ref, n) @ y_pair
+        lhs = abs(y_pair @ residual)
+        accept = lhs >= tolerance * np.linalg.norm(y_pair) * np.linalg.norm(residual)
+        outcomes.append(bool(accept))
+        if accept:
+          s_ref, y_ref = (s_ref + [s])[-4:], (y_ref + [y_pair])[-4:]
+      previous = w
+      updates, state = step(params, state, x, y, cx, cy)
+      assert int(state.pairs.count) == len(s_ref), f"step {t}"
+      direction = -_sr1_inverse(s_ref, y_ref, n) @ dense.grad
+      if direction @ dense.grad >= 0:
+        direction = -dense.grad
+      np.testing.assert_allclose(ref.flat(updates), lr * direction, rtol=1e-6, atol=1e-10,
+                                 err_msg=f"step {t}")
+      params = optax.apply_updates(params, updates)
+    assert True in outcomes and False in outcomes
+    np.testing.assert_allclose(np.asarray(state.pairs.s[-len(s_ref):]), np.stack(s_ref),
+                               rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["sqn", "lsr1"])
+def test_pairs_without_curvature_are_skipped(solver):
+  """A curvature batch on which the network is constant gives ``y = 0``: never stored."""
+  problem = ref.tiny_mlp(jnp.float32)
+  tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, pair_period=1,
+                               curvature_batch=True)
+  flat_outputs = jnp.zeros((4, 3))
+
+  @jax.jit
+  def step(params, state):
+    return tx.update(None, state, params, predict_fn=problem.predict_fn(), targets=problem.y,
+                     curvature_predict_fn=lambda p: flat_outputs + 0.0 * p["b2"],
+                     curvature_targets=jnp.zeros(4, jnp.int32))
+
+  params, state = problem.params, tx.init(problem.params)
+  grad_fn = jax.grad(lambda p: ref.cross_entropy(problem.predict_fn()(p), problem.y))
+  for _ in range(4):
+    updates, state = step(params, state)
+    for got, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grad_fn(params))):
+      np.testing.assert_allclose(np.asarray(got), -0.1 * np.asarray(g), rtol=1e-5,
+                                 atol=1e-7)
+    params = optax.apply_updates(params, updates)
+  assert int(state.pairs.count) == 0
+
+
+def _logistic_regression(seed=0):
+  """Full-batch 3-class logistic regression with a tanh hidden layer, float64."""
+  return ref.tiny_mlp(batch=32, seed=seed, hidden=5)
+
+
+def _solvers():
+  return {
+      "sqn": curvax.sqn(LOSS, memory=5, pair_period=2),
+      "lsr1": curvax.lsr1(LOSS, memory=5),
+      "hessian_free": curvax.hessian_free(LOSS, max_cg_iters=10, min_cg_iters=3),
+  }
+
+
+@pytest.mark.parametrize("name", ["sqn", "lsr1", "hessian_free"])
+def test_backtracking_line_search_never_increases_the_loss(name):
+  with jax.enable_x64(True):
+    problem = _logistic_regression()
+    loss = curvax.losses.softmax_cross_entropy()
+    value_fn = curvax.objective(loss)
+    tx = optax.chain(_solvers()[name], optax.scale_by_backtracking_linesearch(
+        max_backtracking_steps=30, slope_rtol=0.1))
+    predict = problem.predict_fn()
+
+    @jax.jit
+    def step(params, state):
+      value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
+      updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                                 value_fn=value_fn, predict_fn=predict, targets=problem.y)
+      return optax.apply_updates(params, updates), state
+
+    params, state = problem.params, tx.init(problem.params)
+    losses = [ref.mlp_loss(params, problem.x, problem.y)]
+    for _ in range(12):
+      params, state = step(params, state)
+      losses.append(ref.mlp_loss(params, problem.x, problem.y))
+    assert np.all(np.diff(losses) <= 1e-12), losses
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["lsr1", "hessian_free"])
+def test_zoom_line_search_composes(name):
+  with jax.enable_x64(True):
+    problem = _logistic_regression(seed=1)
+    loss = curvax.losses.softmax_cross_entropy()
+    tx = optax.chain(_solvers()[name],
+                     optax.scale_by_zoom_linesearch(max_linesearch_steps=20))
+    predict = problem.predict_fn()
+
+    @jax.jit
+    def step(params, state):
+      value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
+      updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                                 value_fn=curvax.objective(loss), predict_fn=predict,
+                                 targets=problem.y)
+      return optax.apply_updates(params, updates), state
+
+    params, state = problem.params, tx.init(problem.params)
+    losses = [ref.mlp_loss(params, problem.x, problem.y)]
+    for _ in range(10):
+      params, state = step(params, state)
+      losses.append(ref.mlp_loss(params, problem.x, problem.y))
+    assert np.all(np.isfinite(losses))
+    assert np.all(np.diff(losses) <= 1e-12), losses
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_shg_with_line_search_and_curvature_batch():
+  """With a curvature batch the chain also forwards ``curvature_*`` to ``value_fn``, so
+  it must accept (and ignore) them."""
+  with jax.enable_x64(True):
+    problem = _logistic_regression()
+    loss = curvax.losses.softmax_cross_entropy()
+    objective = curvax.objective(loss)
+
+    def value_fn(params, predict_fn=None, targets=None, curvature_predict_fn=None,
+                 curvature_targets=None):
+      return objective(params, predict_fn=predict_fn, targets=targets)
+
+    tx = optax.chain(curvax.hessian_free(LOSS, curvature_batch=True, max_cg_iters=10),
+                     optax.scale_by_backtracking_linesearch(max_backtracking_steps=30,
+                                                            slope_rtol=0.1))
+    predict = problem.predict_fn()
+    sub = problem.predict_fn(problem.x[:8])
+
+    @jax.jit
+    def step(params, state):
+      value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
+      updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                                 value_fn=value_fn, predict_fn=predict, targets=problem.y,
+                                 curvature_predict_fn=sub, curvature_targets=problem.y[:8])
+      return optax.apply_updates(params, updates), state
+
+    params, state = problem.params, tx.init(problem.params)
+    losses = [ref.mlp_loss(params, problem.x, problem.y)]
+    for _ in range(8):
+      params, state = step(params, state)
+      losses.append(ref.mlp_loss(params, problem.x, problem.y))
+    assert np.all(np.diff(losses) <= 1e-12) and losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("solver", ["sqn", "lsr1"])
+def test_non_finite_batch_is_skipped_and_steps_do_not_retrace(solver):
+  problem = ref.tiny_mlp(jnp.float32)
+  tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, memory=3, pair_period=2)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x):
+    traces.append(1)
+    updates, state = tx.update(None, state, params,
+                               predict_fn=lambda p: ref.TinyMLP.predict(p, x),
+                               targets=problem.y)
+    return optax.apply_updates(params, updates), updates, state
+
+  params, state = problem.params, tx.init(problem.params)
+  for i in range(6):  # crosses three pair collections
+    params, _, state = step(params, state, problem.x + 0.01 * i)
+  assert int(state.pairs.count) >= 1
+  new_params, updates, new_state = step(params, state, problem.x.at[1, 2].set(jnp.inf))
+  assert len(traces) == 1
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  for got, kept in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(kept))
+  assert int(new_state.num_skipped) == int(state.num_skipped) + 1
+  for name in state._fields:
+    if name != "num_skipped":
+      for got, kept in zip(jax.tree.leaves(getattr(new_state, name)),
+                           jax.tree.leaves(getattr(state, name))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(kept), err_msg=name)
+
+
+@pytest.mark.parametrize("solver", ["sqn", "lsr1"])
+def test_missing_curvature_batch_arguments_raise(solver):
+  problem = ref.tiny_mlp(jnp.float32)
+  tx = getattr(curvax, solver)(LOSS, curvature_batch=True)
+  with pytest.raises(ValueError, match="curvature_predict_fn"):
+    tx.update(None, tx.init(problem.params), problem.params,
+              predict_fn=problem.predict_fn(), targets=problem.y)
+
+
+@pytest.mark.parametrize("solver", ["sqn", "lsr1"])
+@pytest.mark.parametrize("name,value", [
+    ("learning_rate", 0.0), ("learning_rate", float("nan")), ("memory", 0),
+    ("memory", 2.5), ("pair_period", 0), ("curvature", "fisher")])
+def test_bad_configuration_names_the_argument(solver, name, value):
+  with pytest.raises(ValueError, match=name):
+    getattr(curvax, solver)(LOSS, **{name: value})
