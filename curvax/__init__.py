@@ -1,21 +1,28 @@
 """curvax: second-order optimisers for JAX as optax transforms, on one CVP module."""
 
+from curvax import averaging
 from curvax import cg
 from curvax import cvp
+from curvax import damping
+from curvax import kron
 from curvax import losses
 from curvax import pairs
 from curvax import quadratic
+from curvax.averaging import PolyakState, averaged_params, polyak
 from curvax.curveball import CurveBallState, curveball
 from curvax.cvp import Linearization, linearize, sharpness, top_eigenvalue
 from curvax.extra_args import objective
 from curvax.hessian_free import HessianFreeState, hessian_free
+from curvax.kfac import KFACState, kfac, kflr, kfra
 from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
 
 __all__ = [
-    "cg", "cvp", "losses", "pairs", "quadratic",
+    "averaging", "cg", "cvp", "damping", "kron", "losses", "pairs", "quadratic",
     "Linearization", "linearize", "sharpness", "top_eigenvalue", "objective",
     "CurveBallState", "curveball",
     "HessianFreeState", "hessian_free",
+    "KFACState", "kfac", "kflr", "kfra",
+    "PolyakState", "polyak", "averaged_params",
     "QuasiNewtonState", "sqn", "lsr1",
 ]
 

@@ -1,0 +1,78 @@
+"""Polyak averaging of the parameters for evaluation (kfra_kflr.md App. C.4).
+
+    θ̂_t = β_t θ̂_{t−1} + (1 − β_t) θ_t,    β_t = min(0.95, 1 − 1/t)        (eq. 44–45)
+
+so ``θ̂_t`` is the exact mean of ``θ_1 … θ_t`` while ``t ≤ 20`` and an exponential
+average afterwards. The average never affects training: :func:`polyak` returns the
+updates unchanged and keeps ``θ̂`` in its state. Put it LAST in an ``optax.chain`` (it
+averages ``params + updates``, the parameters after the step) and read the average with
+:func:`averaged_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvax._validation import check_fraction
+
+PyTree = Any
+
+
+class PolyakState(NamedTuple):
+  """State of :func:`polyak`.
+
+  Attributes:
+    average: ``θ̂_t`` (the initial parameters before the first step).
+    count: ``t``, the number of parameter values averaged.
+  """
+  average: PyTree
+  count: jax.Array
+
+
+def polyak(max_decay: float = 0.95) -> optax.GradientTransformation:
+  """Polyak averaging ``β_t = min(max_decay, 1 − 1/t)`` (eq. 44–45); updates unchanged.
+
+  Args:
+    max_decay: the cap on ``β_t`` (the paper's 0.95).
+  """
+  check_fraction("max_decay", max_decay)
+
+  def init_fn(params):
+    return PolyakState(average=jax.tree.map(jnp.asarray, params),
+                       count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("curvax.polyak: params are required to average them: call "
+                       "tx.update(updates, state, params).")
+    count = state.count + 1
+    new_params = optax.apply_updates(params, updates)
+
+    def mix(avg, new):
+      t = count.astype(avg.dtype)  # β_t in the parameters' own precision
+      beta = jnp.minimum(jnp.asarray(max_decay, avg.dtype), 1 - 1 / t)
+      return (beta * avg + (1 - beta) * new).astype(avg.dtype)
+
+    average = jax.tree.map(mix, state.average, new_params)
+    return updates, PolyakState(average=average, count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def averaged_params(state: Any) -> PyTree:
+  """The averaged parameters ``θ̂`` from a :class:`PolyakState`, found anywhere inside an
+  optimiser state (e.g. an ``optax.chain``'s tuple).
+
+  Raises:
+    ValueError: when the state holds no ``PolyakState`` or more than one.
+  """
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PolyakState))
+           if isinstance(s, PolyakState)]
+  if len(found) != 1:
+    raise ValueError(f"averaged_params: expected exactly one curvax.polyak state inside "
+                     f"the optimiser state, found {len(found)}.")
+  return found[0].average

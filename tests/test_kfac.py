@@ -1,0 +1,338 @@
+"""KFAC / KFLR / KFRA optimisers and Polyak averaging against hand computations.
+
+The references are numpy: Kronecker factors from a hand-written forward pass, the full
+GGN from jax.jacobian, damped inverses from dense solves, and the appendix's rules
+(kfra_kflr.md App. C) written out directly.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvax
+from curvax import kron, losses
+from curvax.problems import models
+from tests import dense_reference as ref
+
+BATCH = 3
+
+
+def _problem(seed=0, batch=BATCH):
+  """Pure JAX, tagged: a bias-free first layer, sigmoid, a layer with bias (float64)."""
+  k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(seed), 5)
+  params = {"w1": jax.random.normal(k1, (4, 5), jnp.float64),
+            "w2": jax.random.normal(k2, (5, 3), jnp.float64),
+            "b2": 0.1 * jax.random.normal(k3, (3,), jnp.float64)}
+  x = jax.random.normal(k4, (batch, 4), jnp.float64)
+  y = jax.random.randint(k5, (batch,), 0, 3)
+  predict = lambda p: kron.dense(jax.nn.sigmoid(kron.dense(x, p["w1"])), p["w2"], p["b2"])
+  return params, x, y, predict
+
+
+def _flat(tree):
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def _net(params, x):
+  return jax.nn.sigmoid(x @ params["w1"]) @ params["w2"] + params["b2"]
+
+
+class _Hand:
+  """Everything of kfra_kflr.md App. C at ``params``, in numpy (flat order b2, w1, w2)."""
+
+  def __init__(self, params, x, y, eta):
+    w1, w2, b2 = (np.asarray(params[k]) for k in ("w1", "w2", "b2"))
+    batch = x.shape[0]
+    h1 = np.asarray(x) @ w1
+    a1 = 1 / (1 + np.exp(-h1))
+    out = a1 @ w2 + b2
+    p = np.exp(out - out.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    hess = [np.diag(pn) - np.outer(pn, pn) for pn in p]  # softmax CE, per example
+    jac_h1 = [w2.T * (a1[n] * (1 - a1[n]))[None, :] for n in range(batch)]  # ∂o_n/∂h1_n
+    self.g1 = sum(j.T @ h @ j for j, h in zip(jac_h1, hess)) / batch
+    self.g2 = sum(hess) / batch
+    self.q1 = np.asarray(x).T @ np.asarray(x) / batch
+    a1b = np.concatenate([a1, np.ones((batch, 1))], axis=1)
+    self.q2 = a1b.T @ a1b / batch
+    w, unravel = ravel_pytree(params)
+    w = np.asarray(w)
+    objective = lambda v: ref.cross_entropy(_net(unravel(v), x), y)
+    self.eta = eta
+    self.w = w
+    self.value = float(objective(w)) + 0.5 * eta * w @ w
+    self.grad = np.asarray(jax.grad(objective)(w)) + eta * w
+    self.ggn = np.asarray(jax.jit(lambda v: _ggn(v, unravel, x, y))(w))
+    self.objective = lambda v: float(objective(v)) + 0.5 * eta * v @ v
+
+  def direction(self, gamma):
+    """δ̃ = C̃⁻¹ ∇f with the factored damping of eq. 36–38 (dense solves)."""
+    k = gamma + self.eta
+    g = self.grad
+    v1 = g[3:23].reshape(4, 5)
+    v2 = np.concatenate([g[23:38].reshape(5, 3), g[0:3][None]], axis=0)
+    out = []
+    for q, gg, v in ((self.q1, self.g1, v1), (self.q2, self.g2, v2)):
+      omega = np.sqrt((np.trace(q) / q.shape[0]) / (np.trace(gg) / gg.shape[0]))
+      damped = np.kron(q + omega * np.sqrt(k) * np.eye(q.shape[0]),
+                       gg + np.sqrt(k) / omega * np.eye(gg.shape[0]))
+      out.append(np.linalg.solve(damped, v.reshape(-1)).reshape(v.shape))
+    x1, x2 = out
+    return np.concatenate([x2[5], x1.reshape(-1), x2[:5].reshape(-1)])
+
+  def curvature(self, tau):
+    return self.ggn + (tau + self.eta) * np.eye(self.w.size)
+
+  def step(self, gamma, tau):
+    """``(δ*, α*, f̂(δ*))`` of eq. 39–41."""
+    d = self.direction(gamma)
+    c = self.curvature(tau)
+    alpha = -(d @ self.grad) / (d @ c @ d)
+    step = alpha * d
+    return step, alpha, self.grad @ step + 0.5 * step @ c @ step
+
+
+def _ggn(v, unravel, x, y):
+  net = lambda u: _net(unravel(u), x)
+  out = net(v)
+  jac = jax.jacobian(lambda u: net(u).reshape(-1))(v)
+  hess = jax.hessian(lambda o: ref.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
+  return jac.T @ hess @ jac
+
+
+def _jit_update(tx):
+  return jax.jit(lambda u, s, p, predict, y: tx.update(u, s, p, predict_fn=predict,
+                                                      targets=y), static_argnums=3)
+
+
+# --------------------------------------------------------- appendix rules by hand
+
+
+def test_first_step_is_alpha_star_times_damped_kronecker_direction_and_tau_rule():
+  """δ* = α*δ̃ (eq. 33–41) with η; ρ (eq. 42) and τ's LM update (App. C.3.1)."""
+  with jax.enable_x64(True):
+    params, x, y, predict = _problem()
+    gamma, tau, eta = 0.375, 0.625, 1 / 64  # exact in float32, the dtype of the state
+    tx = curvax.kflr(losses.softmax_cross_entropy(), gamma=gamma, tau=tau,
+                     weight_decay=eta, tau_period=1, gamma_period=0)
+    updates, state = _jit_update(tx)(None, tx.init(params), params, predict, y)
+    hand = _Hand(params, x, y, eta)
+    step, alpha, predicted = hand.step(gamma, tau)
+    np.testing.assert_allclose(_flat(updates), step, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(state.alpha, alpha, rtol=1e-5)
+    rho = (hand.objective(hand.w + step) - hand.value) / predicted
+    np.testing.assert_allclose(state.reduction_ratio, rho, rtol=1e-5)
+    omega_tau = 0.95 ** 1  # ω_τ = 0.95^{T_τ}
+    expected_tau = tau * omega_tau if rho > 0.75 else tau / omega_tau
+    np.testing.assert_allclose(state.tau, expected_tau, rtol=1e-6)
+    np.testing.assert_allclose(state.loss, hand.value - 0.5 * eta * hand.w @ hand.w,
+                               rtol=1e-6)
+    # The factors are KFLR's exact ones: Q̃ from the activations, 𝒢̃ = mean J_hᵀ H J_h.
+    leaves = jax.tree.leaves(params)  # b2, w1, w2
+    np.testing.assert_allclose(state.factors.q[1][:4, :4], hand.q1, rtol=1e-10)
+    np.testing.assert_allclose(state.factors.q[1][4], 0.0)  # unused bias slot
+    np.testing.assert_allclose(state.factors.g[1], hand.g1, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(state.factors.q[2], hand.q2, rtol=1e-10)
+    np.testing.assert_allclose(state.factors.g[2], hand.g2, rtol=1e-8, atol=1e-14)
+    assert state.factors.q[0] is None and len(leaves) == 3
+
+
+def test_gamma_rule_keeps_the_candidate_with_the_lowest_model_value():
+  """App. C.3.2: δ* for each of {ω_γγ, γ, γ/ω_γ}; the one minimising f̂(δ*) is kept."""
+  with jax.enable_x64(True):
+    params, x, y, predict = _problem(seed=1)
+    hand = _Hand(params, x, y, 0.0)
+    for gamma in (4.0, 2.0 ** -10):  # one run should move γ down, the other up
+      tx = curvax.kflr(losses.softmax_cross_entropy(), gamma=gamma, tau=0.5, tau_period=0,
+                       gamma_period=1)
+      updates, state = _jit_update(tx)(None, tx.init(params), params, predict, y)
+      factor = 0.95 ** 1
+      candidates = [gamma * factor, gamma, gamma / factor]
+      results = [hand.step(g, 0.5) for g in candidates]
+      best = int(np.argmin([r[2] for r in results]))
+      np.testing.assert_allclose(state.gamma, candidates[best], rtol=1e-6)
+      np.testing.assert_allclose(_flat(updates), results[best][0], rtol=1e-7, atol=1e-12)
+
+
+def test_momentum_step_solves_the_two_by_two_model():
+  """KFAC §7: δ = α δ̃ + μ δ_prev with (α, μ) = −M⁻¹ b on the full-GGN model."""
+  with jax.enable_x64(True):
+    params, x, y, predict = _problem(seed=2)
+    tx = curvax.kflr(losses.softmax_cross_entropy(), gamma=0.5, tau=0.25, momentum=True,
+                     factor_decay=0.0, tau_period=0, gamma_period=0)
+    update = _jit_update(tx)
+    u1, state = update(None, tx.init(params), params, predict, y)
+    np.testing.assert_allclose(_flat(u1), _Hand(params, x, y, 0.0).step(0.5, 0.25)[0],
+                               rtol=1e-8, atol=1e-12)
+    params1 = optax.apply_updates(params, u1)
+    u2, state = update(None, state, params1, predict, y)
+    hand = _Hand(params1, x, y, 0.0)
+    d, prev, c = hand.direction(0.5), _flat(u1), hand.curvature(0.25)
+    m = np.array([[d @ c @ d, d @ c @ prev], [prev @ c @ d, prev @ c @ prev]])
+    alpha, mu = -np.linalg.solve(m, np.array([hand.grad @ d, hand.grad @ prev]))
+    np.testing.assert_allclose(_flat(u2), alpha * d + mu * prev, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose([state.alpha, state.mu], [alpha, mu], rtol=1e-5)
+
+
+# ------------------------------------------------------ jit, NaN batches, training
+
+
+def _classification(seed=0, batch=64):
+  kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(kx, (batch, 8))
+  y = jnp.argmax(jnp.tanh(x @ jax.random.normal(kw, (8, 3))), axis=-1)
+  return x, y
+
+
+ESTIMATORS = {
+    "kfac": lambda loss, **kw: curvax.kfac(loss, **kw),
+    "kflr": lambda loss, **kw: curvax.kflr(loss, **kw),
+    "kfra": lambda loss, **kw: curvax.kfra(loss, activations=jnp.tanh, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_trains_without_retracing_and_skips_non_finite_batches(name):
+  x, y = _classification()
+  model = models.MLP(features=(16, 3), activation=jnp.tanh)
+  loss = losses.softmax_cross_entropy()
+  tx = ESTIMATORS[name](loss, tau_period=2, gamma_period=3, inverse_period=2)
+  params = model.init(jax.random.PRNGKey(1), x[:1])
+  traces = []
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    traces.append(None)
+    updates, state = tx.update(None, state, params,
+                               predict_fn=lambda p: model.apply(p, xb), targets=yb)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  start = float(loss.value(model.apply(params, x), y))
+  for i in range(12):
+    params, state = step(params, state, x[16 * (i % 4):16 * (i % 4 + 1)],
+                         y[16 * (i % 4):16 * (i % 4 + 1)])
+  assert len(traces) == 1
+  end = float(loss.value(model.apply(params, x), y))
+  assert end < 0.5 * start, (start, end)
+  assert int(state.count) == 12 and int(state.num_skipped) == 0
+  assert np.isfinite(float(state.reduction_ratio))
+
+  bad = x[:16].at[3, 2].set(jnp.nan)
+  new_params, new_state = step(params, state, bad, y[:16])
+  assert len(traces) == 1
+  assert int(new_state.num_skipped) == 1
+  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex_equal(new_params, params)
+  chex_equal(new_state._replace(num_skipped=state.num_skipped), state)
+
+
+class _SmallCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2)(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_kfac_trains_a_convolutional_network():
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 6, 6, 1))
+  y = (jnp.sum(x[:, :3, :, 0], axis=(1, 2)) > 0).astype(jnp.int32) + (
+      jnp.sum(x[:, :, :3, 0], axis=(1, 2)) > 0)
+  model = _SmallCNN()
+  loss = losses.softmax_cross_entropy()
+  tx = curvax.kfac(loss)
+  params = model.init(jax.random.PRNGKey(1), x)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=lambda q: model.apply(q, x),
+                                        targets=y))
+  start = float(loss.value(model.apply(params, x), y))
+  for _ in range(15):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert float(loss.value(model.apply(params, x), y)) < 0.5 * start
+
+
+# -------------------------------------------------------------------- optax.chain
+
+
+def test_in_optax_chain_with_clipping_and_a_line_search():
+  with jax.enable_x64(True):
+    params, x, y, predict = _problem(seed=3, batch=8)
+    loss = losses.softmax_cross_entropy()
+    objective = lambda p: ref.cross_entropy(predict(p), y)
+    tx = optax.chain(curvax.kflr(loss), optax.clip_by_global_norm(10.0),
+                     optax.scale_by_backtracking_linesearch(max_backtracking_steps=10),
+                     curvax.polyak())
+    value_fn = curvax.objective(loss)
+
+    @jax.jit
+    def step(p, s):
+      value, grad = jax.value_and_grad(objective)(p)
+      u, s = tx.update(None, s, p, value=value, grad=grad, value_fn=value_fn,
+                       predict_fn=predict, targets=y)
+      return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    start = p = params
+    history = []
+    for _ in range(5):
+      previous = p
+      p, state = step(p, state)
+      assert objective(p) <= objective(previous) + 1e-12
+      history.append(p)
+    assert objective(p) < 0.5 * objective(start)
+    # Polyak averaging: the exact mean of the first iterates (β_t = 1 − 1/t for t ≤ 20).
+    mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *history)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+                 curvax.averaged_params(state), mean)
+
+
+def test_polyak_caps_the_decay_and_leaves_updates_unchanged():
+  tx = curvax.polyak()
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  average, expected = None, 0.0
+  for t in range(1, 31):
+    update = {"w": jnp.ones(())}
+    out, state = tx.update(update, state, params)
+    assert out is update
+    params = optax.apply_updates(params, update)
+    beta = min(0.95, 1 - 1 / t)
+    expected = beta * expected + (1 - beta) * float(params["w"])
+  np.testing.assert_allclose(curvax.averaged_params(state)["w"], expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="params are required"):
+    tx.update({"w": jnp.ones(())}, state)
+  with pytest.raises(ValueError, match="exactly one"):
+    curvax.averaged_params((optax.EmptyState(),))
+
+
+# -------------------------------------------------------------------- bad inputs
+
+
+@jax.enable_x64(True)
+def test_bad_arguments_are_clear_errors():
+  loss = losses.softmax_cross_entropy()
+  params, x, y, predict = _problem()
+  tx = curvax.kflr(loss)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"missing extra argument\(s\) \['targets'\]"):
+    tx.update(None, state, params, predict_fn=predict)
+  with pytest.raises(ValueError, match="params are required"):
+    tx.update(None, state, predict_fn=predict, targets=y)
+  with pytest.raises(ValueError, match="activations= is required"):
+    curvax.kfra(loss)
+  with pytest.raises(ValueError, match="no predictive distribution"):
+    curvax.kfac(losses.from_fn(lambda o, t: jnp.sum((o - t) ** 2)))
+  for kwargs, match in ((dict(gamma=0.0), "gamma"), (dict(factor_decay=1.0), "factor_decay"),
+                        (dict(inverse_period=0), "inverse_period"),
+                        (dict(fallback="zero"), "fallback"),
+                        (dict(tau_period=-1), "tau_period")):
+    with pytest.raises(ValueError, match=match):
+      curvax.kflr(loss, **kwargs)
+  untagged = lambda p: jax.nn.sigmoid(x @ p["w1"]) @ p["w2"] + p["b2"]
+  with pytest.raises(ValueError, match="found no Dense or Conv layer"):
+    tx.update(None, state, params, predict_fn=untagged, targets=y)
