@@ -87,46 +87,54 @@ def conjugate_gradient(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree
     p: PyTree
     ry: jax.Array
     history: jax.Array
-    saved: PyTree
-    num_saved: jax.Array
+    saved: PyTree       # ring buffer: save number n lives in slot n % num_saved
+    writes: jax.Array   # saves so far
+    saved_at: jax.Array  # iteration of the latest save (-1: none)
     stop: jax.Array
 
-  def save(saved, count, x):
-    shifted = jax.tree.map(lambda s, a: jnp.concatenate([s[1:], a[None]]), saved, x)
-    return shifted, jnp.minimum(count + 1, num_saved)
+  def save(saved, writes, saved_at, x, i):
+    slot = writes % num_saved
+    saved = jax.tree.map(lambda s, a: jax.lax.dynamic_update_index_in_dim(s, a, slot, 0),
+                         saved, x)
+    return saved, writes + 1, i
+
+  def skip(saved, writes, saved_at, x, i):
+    return saved, writes, saved_at
 
   def body(c: Carry) -> Carry:
     ap = matvec(c.p)
     curvature = vdot(c.p, ap)
-    alpha = c.ry / jnp.where(curvature > 0, curvature, 1.0)
+    # A direction of non-positive curvature ends the solve without taking its step:
+    # α = 0 leaves x and r exactly as they were, and the step is neither counted nor
+    # saved.
+    bad = curvature <= 0
+    alpha = jnp.where(bad, 0.0, c.ry / jnp.where(bad, 1.0, curvature))
     x = optax.tree.add_scale(c.x, alpha, c.p)
     r = optax.tree.add_scale(c.r, -alpha, ap)
     y = precondition(r)
     ry = vdot(r, y)
     p = optax.tree.add_scale(y, ry / jnp.where(c.ry != 0, c.ry, 1.0), c.p)
-    i = c.i + 1
+    i = jnp.where(bad, c.i, c.i + 1)
     phi = objective(x, r)
     history = c.history.at[i].set(phi)
     k = jnp.maximum(min_iters, jnp.ceil(progress_window * i).astype(jnp.int32))
     previous = history[jnp.maximum(i - k, 0)]
     slow = (i >= min_iters) & (i > k) & (phi < 0) & ((phi - previous) / phi < k * tol)
     small = jnp.sqrt(jnp.abs(ry)) <= atol
-    saved, count = jax.lax.cond(jnp.any(schedule == i), save, lambda s, n, _: (s, n),
-                                c.saved, c.num_saved, x)
-    # A direction of non-positive curvature ends the solve without taking its step: the
-    # iterate, its count, objective history and saved iterates stay as they were.
-    bad = curvature <= 0
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
-    return Carry(keep(i, c.i), keep(x, c.x), keep(r, c.r), y, p, ry,
-                 keep(history, c.history), keep(saved, c.saved),
-                 keep(count, c.num_saved), bad | slow | small | (i >= max_iters))
+    saved, writes, saved_at = jax.lax.cond(jnp.any(schedule == i) & ~bad, save, skip,
+                                           c.saved, c.writes, c.saved_at, x, i)
+    return Carry(i, x, r, y, p, ry, history, saved, writes, saved_at,
+                 bad | slow | small | (i >= max_iters))
 
-  init = Carry(jnp.zeros((), jnp.int32), x0, r0, y0, y0, vdot(r0, y0), history0, saved0,
-               jnp.zeros((), jnp.int32), jnp.sqrt(jnp.abs(vdot(r0, y0))) <= atol)
+  zero = jnp.zeros((), jnp.int32)
+  init = Carry(zero, x0, r0, y0, y0, vdot(r0, y0), history0, saved0, zero, zero - 1,
+               jnp.sqrt(jnp.abs(vdot(r0, y0))) <= atol)
   final = jax.lax.while_loop(lambda c: ~c.stop, body, init)
-  # The final iterate is always the last saved entry (unless it was saved just now).
-  last_saved = jax.tree.map(lambda s: s[-1], final.saved)
-  already = (final.num_saved > 0) & (optax.tree.norm(optax.tree.sub(last_saved, final.x)) == 0)
-  saved, count = jax.lax.cond(already, lambda s, n, _: (s, n), save, final.saved,
-                              final.num_saved, final.x)
+  # The final iterate is always the last saved entry.
+  saved, writes, _ = jax.lax.cond(final.saved_at == final.i, skip, save, final.saved,
+                                  final.writes, final.saved_at, final.x, final.i)
+  # Oldest first, the valid entries last: rotate the ring buffer once.
+  shift = (num_saved - writes % num_saved) % num_saved
+  saved = jax.tree.map(lambda s: jnp.roll(s, shift, axis=0), saved)
+  count = jnp.minimum(writes, num_saved)
   return CGResult(final.x, final.i, final.history[final.i], saved, count)
