@@ -71,8 +71,10 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     loss: a :class:`curvax.losses.Loss` or its name.
     learning_rate: ``α`` in ``w ← w + αz`` (eq. 16); 1 is the optimum of the model.
     rho: fixed decay ``ρ`` (eq. 15). With ``beta`` fixed too, the eq. 19 solve and its
-      extra J-product are skipped. ``None`` (default): automatic.
-    beta: fixed step ``β`` on ``z`` (eq. 15); ``None``: automatic.
+      extra J-product are skipped. ``None`` (default): automatic — jointly with ``β``
+      by eq. 19, or, when ``beta`` is fixed, the best ``ρ`` given that ``β``.
+    beta: fixed step ``β`` on ``z`` (eq. 15); ``None``: automatic (with ``rho`` fixed,
+      the best ``β`` given that ``ρ``).
     damping: initial ``λ`` — 10 without batch normalisation, 1 with it (§3.4).
     damping_period: apply the λ rule every this many steps (§3.4: 5); 0 disables it.
     damping_factor: ``λ ← λ·factor`` if ``γ > 3/2``, ``λ ← λ/factor`` if ``γ < 1/2``.
@@ -121,7 +123,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
       # The user's gradient replaces Jᵀ∇L: Δz = Jᵀ H_L J z + g, still one Jᵀ-product.
       delta = optax.tree.add(lin.vjp(fused.hjz), updates)
       grad_dot = lambda d, jd: optax.tree.vdot(updates, d)
-    delta = optax.tree.add_scale(delta, lam, z)  # eq. 18
+    delta = _cast_like(optax.tree.add_scale(delta, lam, z), z)  # eq. 18
 
     if automatic:
       j_delta = lin.jvp(delta)
@@ -130,15 +132,14 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
                               gradient_dots=[grad_dot(delta, j_delta),
                                              grad_dot(z, fused.jz)],
                               damping=lam)
-      neg_beta, auto_rho = quadratic.minimiser(model)  # eq. 19
-      new_rho = auto_rho if rho is None else jnp.asarray(rho, auto_rho.dtype)
-      new_beta = -neg_beta if beta is None else jnp.asarray(beta, neg_beta.dtype)
+      new_rho, new_beta = _coefficients(model)
       j_new_z = new_rho * fused.jz - new_beta * j_delta
     else:
       new_rho = jnp.asarray(rho, lin.loss_value.dtype)
       new_beta = jnp.asarray(beta, lin.loss_value.dtype)
       j_new_z = None
-    new_z = optax.tree.add_scale(optax.tree.scale(new_rho, z), -new_beta, delta)
+    new_z = _cast_like(
+        optax.tree.add_scale(optax.tree.scale(new_rho, z), -new_beta, delta), z)
     step = optax.tree.scale(learning_rate, new_z)
 
     new_damping, ratio = _damping_rule(state, lin, params, step, j_new_z, updates, lam)
@@ -149,6 +150,29 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
         beta=new_beta.astype(jnp.float32), reduction_ratio=ratio.astype(jnp.float32),
         num_skipped=state.num_skipped)
     return nonfinite.guard(finite, step, new_state, state)
+
+  def _coefficients(model):
+    """``(ρ, β)`` minimising the damped model over the coefficients not fixed.
+
+    Both free: the 2×2 solve of eq. 19 (coefficients ``[−β, ρ]``). One fixed: the
+    other's 1×1 solve with the fixed one's term moved into the linear part — the best
+    value GIVEN the fixed one, not the joint optimum's.
+    """
+    if rho is None and beta is None:
+      neg_beta, new_rho = quadratic.minimiser(model)  # eq. 19
+      return new_rho, -neg_beta
+    dtype = model.linear.dtype
+    if rho is not None:  # minimise over x₀ = −β with x₁ = ρ fixed
+      fixed, free = jnp.asarray(rho, dtype), 0
+    else:  # minimise over x₁ = ρ with x₀ = −β fixed
+      fixed, free = -jnp.asarray(beta, dtype), 1
+    other = 1 - free
+    line = quadratic.QuadraticModel(
+        model.curvature[free:free + 1, free:free + 1],
+        model.damped[free:free + 1, free:free + 1],
+        model.linear[free:free + 1] + fixed * model.damped[free, other][None])
+    (solved,) = quadratic.minimiser(line)
+    return (solved, -fixed) if free == 1 else (fixed, -solved)
 
   def _damping_rule(state, lin, params, step, j_new_z, updates, lam):
     """§3.4: every ``damping_period`` steps, ``γ = Δf / f̂(αz)`` rescales ``λ``."""
@@ -175,3 +199,9 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     return jax.lax.cond(due, evaluate, keep, None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  """``tree`` with each leaf in the dtype of ``like``'s (``z`` keeps the params' dtypes
+  when the loss is computed in a wider one, e.g. bfloat16 params with a float32 loss)."""
+  return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, like)

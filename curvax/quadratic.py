@@ -63,10 +63,15 @@ def minimiser(model: QuadraticModel) -> Array:
   """Coefficients ``x = −M⁺ b`` minimising the damped model.
 
   The pseudo-inverse makes a degenerate direction (e.g. CurveBall's ``z = 0`` on its
-  first step) drop out, leaving the lower-dimensional solve.
+  first step) drop out, leaving the lower-dimensional solve. Eigenvalues of ``M`` below
+  ``√ε`` of the largest (ε: the dtype's machine epsilon) count as zero: the entries of
+  ``M`` are long dot products with rounding errors far above ``ε·‖M‖``, so in float32
+  a nearly collinear pair of directions would otherwise get huge, cancelling
+  coefficients fitted to rounding noise.
   """
   matrix = 0.5 * (model.damped + model.damped.T)
-  return -jnp.linalg.pinv(matrix, rtol=1e-10, hermitian=True) @ model.linear
+  rtol = float(jnp.finfo(matrix.dtype).eps) ** 0.5
+  return -jnp.linalg.pinv(matrix, rtol=rtol, hermitian=True) @ model.linear
 
 
 def predicted_change(model: QuadraticModel, coefficients: Array, *,
