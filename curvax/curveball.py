@@ -57,7 +57,8 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
               rho: Optional[float] = None, beta: Optional[float] = None,
               damping: float = 10.0, damping_period: int = 5,
               damping_factor: float = 0.999, min_damping: float = 1e-8,
-              max_damping: float = 1e8) -> optax.GradientTransformationExtraArgs:
+              max_damping: float = 1e8,
+              axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """CurveBall as an optax transformation (curveball.md eq. 14–19, §3.4).
 
   Use it as ``tx.update(grads_or_None, state, params, predict_fn=..., targets=...)``:
@@ -79,6 +80,10 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     damping_period: apply the λ rule every this many steps (§3.4: 5); 0 disables it.
     damping_factor: ``λ ← λ·factor`` if ``γ > 3/2``, ``λ ← λ/factor`` if ``γ < 1/2``.
     min_damping, max_damping: bounds ``λ`` is kept within.
+    axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over;
+      products, the loss and the eq. 19 / §3.4 statistics are averaged over it, so every
+      device takes the global-batch step. A gradient passed as ``updates`` must already
+      be the global one. Not needed under ``jax.jit`` with sharded inputs.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`CurveBallState`.
@@ -112,17 +117,19 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     del extra_args  # Other transforms' arguments in an optax.chain.
     lin = extra_args_lib.linearization_from(
         "curveball", loss, params, predict_fn=predict_fn, targets=targets,
-        linearization=linearization)
+        linearization=linearization, axis_name=axis_name)
     updates = extra_args_lib.given_gradient(updates)
-    z, lam = state.z, state.damping.astype(lin.loss_value.dtype)
+    # Curvature statistics (λ, ρ, β, γ) in at least float32, whatever the params' dtype.
+    stat_dtype = jnp.promote_types(lin.loss_value.dtype, jnp.float32)
+    z, lam = state.z, state.damping.astype(stat_dtype)
     fused = lin.fused_ggn_vp(z)
     if updates is None:
       delta = fused.product
-      grad_dot = lambda d, jd: jnp.vdot(lin.output_grad, jd)
+      grad_dot = lambda d, jd: lin.output_vdot(lin.output_grad, jd)
     else:
       # The user's gradient replaces Jᵀ∇L: Δz = Jᵀ H_L J z + g, still one Jᵀ-product.
       delta = optax.tree.add(lin.vjp(fused.hjz), updates)
-      grad_dot = lambda d, jd: optax.tree.vdot(updates, d)
+      grad_dot = lambda d, jd: optax.tree.vdot(updates, d).astype(stat_dtype)
     delta = _cast_like(optax.tree.add_scale(delta, lam, z), z)  # eq. 18
 
     if automatic:
@@ -131,12 +138,12 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
                               output_hvp=lin.output_hvp,
                               gradient_dots=[grad_dot(delta, j_delta),
                                              grad_dot(z, fused.jz)],
-                              damping=lam)
+                              damping=lam, output_vdot=lin.output_vdot)
       new_rho, new_beta = _coefficients(model)
       j_new_z = new_rho * fused.jz - new_beta * j_delta
     else:
-      new_rho = jnp.asarray(rho, lin.loss_value.dtype)
-      new_beta = jnp.asarray(beta, lin.loss_value.dtype)
+      new_rho = jnp.asarray(rho, stat_dtype)
+      new_beta = jnp.asarray(beta, stat_dtype)
       j_new_z = None
     new_z = _cast_like(
         optax.tree.add_scale(optax.tree.scale(new_rho, z), -new_beta, delta), z)
@@ -181,11 +188,11 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
 
     def evaluate(_):
       j_step = (learning_rate * j_new_z if j_new_z is not None else lin.jvp(step))
-      grad_step = (jnp.vdot(lin.output_grad, j_step) if updates is None
+      grad_step = (lin.output_vdot(lin.output_grad, j_step) if updates is None
                    else optax.tree.vdot(updates, step))
-      predicted = grad_step + 0.5 * jnp.vdot(j_step, lin.output_hvp(j_step))
-      new_params = optax.tree.add(params, step)
-      actual = lin.loss.value(lin.predict(new_params), lin.targets) - lin.loss_value
+      predicted = grad_step + 0.5 * lin.output_vdot(j_step, lin.output_hvp(j_step))
+      actual = (lin.loss_at(optax.tree.add(params, step)).astype(predicted.dtype)
+                - lin.loss_value.astype(predicted.dtype))
       ratio = quadratic.reduction_ratio(actual, predicted)
       new_lam = quadratic.levenberg_marquardt(
           lam, ratio, factor=damping_factor, lower=0.5, upper=1.5,

@@ -99,7 +99,10 @@ class Linearization:
 
   def output_vdot(self, a: Array, b: Array) -> Array:
     """``aᵀb`` for output-space arrays (e.g. ``(J d)ᵀ H_L (J d)``), over the global batch."""
-    return self.batch_mean(jnp.vdot(a, b))
+    # An elementwise product and a sum, not jnp.vdot: under explicit sharding a dot
+    # contracting the sharded batch axis has no defined output sharding.
+    wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return self.batch_mean(jnp.sum(wide(a) * wide(b)))
 
   def loss_at(self, params: PyTree) -> Array:
     """The objective at other ``params`` on the same batch (one forward pass)."""

@@ -70,7 +70,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
                  min_damping: float = 1e-8, max_damping: float = 1e8,
                  curvature_batch: bool = False, preconditioner: Optional[str] = None,
                  preconditioner_exponent: float = 0.75, preconditioner_samples: int = 1,
-                 seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                 seed: int = 0,
+                 axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Hessian-free as an optax transformation (see the module docstring).
 
   ``update(updates, state, params, predict_fn=..., targets=...)``; with
@@ -97,6 +98,9 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     preconditioner_exponent: ``ξ``.
     preconditioner_samples: Rademacher probes per step for the diagonal.
     seed: PRNG seed of the probes (folded with the step count).
+    axis_name: data-parallel axis (``shard_map`` / ``pmap``); products, the loss and the
+      backtracking / LM statistics are averaged over it (see :func:`curvax.linearize`).
+      The diagonal preconditioner's probes are the same on every device.
   """
   loss = losses_lib.get(loss)
   check_positive("learning_rate", learning_rate)
@@ -133,14 +137,14 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     del extra_args
     lin = extra_args_lib.linearization_from(
         "hessian_free", loss, params, predict_fn=predict_fn, targets=targets,
-        linearization=linearization)
+        linearization=linearization, axis_name=axis_name)
     if curvature_batch:
       if curvature_predict_fn is None or curvature_targets is None:
         raise ValueError(
             "hessian_free(curvature_batch=True): missing extra arguments "
             "curvature_predict_fn / curvature_targets (the curvature sub-batch).")
       curv = cvp.linearize(curvature_predict_fn, params, loss=loss,
-                           targets=curvature_targets)
+                           targets=curvature_targets, axis_name=axis_name)
     else:
       curv = lin
     grad = extra_args_lib.given_gradient(updates)
@@ -163,8 +167,7 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
         min_iters=min_cg_iters, tol=cg_tol, preconditioner=precondition,
         num_saved=num_saved if backtracking else 1)
 
-    loss_at = lambda delta: lin.loss.value(
-        lin.predict(optax.tree.add_scale(params, learning_rate, delta)), lin.targets)
+    loss_at = lambda delta: lin.loss_at(optax.tree.add_scale(params, learning_rate, delta))
     step, new_loss = _backtrack(solve, loss_at)
     actual = new_loss - lin.loss_value
     step = optax.tree.scale(learning_rate, step)

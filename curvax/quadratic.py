@@ -17,7 +17,7 @@ because ``d_iᵀ C d_j = (J d_i)ᵀ H_L (J d_j)``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,12 @@ class QuadraticModel(NamedTuple):
 
 def build(output_directions: Sequence[Array], directions: Sequence, *,
           output_hvp: Callable[[Array], Array], gradient_dots: Sequence[Array],
-          damping: Array) -> QuadraticModel:
+          damping: Array,
+          output_vdot: Optional[Callable[[Array, Array], Array]] = None) -> QuadraticModel:
   """Gram matrices of the candidate directions under ``C`` and ``C + λI``.
+
+  Entries are accumulated in at least float32, so bfloat16 parameters get a well-posed
+  solve.
 
   Args:
     output_directions: ``J d_i`` for each direction.
@@ -48,15 +52,27 @@ def build(output_directions: Sequence[Array], directions: Sequence, *,
     output_hvp: ``u ↦ H_L u``.
     gradient_dots: ``gᵀ d_i`` for each direction.
     damping: ``λ``.
+    output_vdot: ``(a, b) ↦ aᵀb`` over the global batch for output-space arrays —
+      :meth:`curvax.Linearization.output_vdot` under data parallelism; a plain sum by
+      default.
   """
+  output_vdot = output_vdot or (lambda a, b: jnp.sum(_wide(a) * _wide(b)))
   curved = [output_hvp(u) for u in output_directions]
   n = len(output_directions)
-  curvature = jnp.array([[jnp.vdot(output_directions[i], curved[j]) for j in range(n)]
+  curvature = jnp.array([[output_vdot(output_directions[i], curved[j]) for j in range(n)]
                          for i in range(n)])
-  overlap = jnp.array([[optax.tree.vdot(directions[i], directions[j]) for j in range(n)]
-                       for i in range(n)])
+  wide_directions = [jax.tree.map(_wide, d) for d in directions]
+  overlap = jnp.array([[optax.tree.vdot(wide_directions[i], wide_directions[j])
+                        for j in range(n)] for i in range(n)])
   linear = jnp.stack([jnp.asarray(d) for d in gradient_dots])
+  dtype = jnp.result_type(curvature, overlap, linear, jnp.float32)
+  curvature, overlap, linear = (a.astype(dtype) for a in (curvature, overlap, linear))
   return QuadraticModel(curvature, curvature + damping * overlap, linear)
+
+
+def _wide(a: Array) -> Array:
+  """``a`` in at least float32 (curvature statistics are never kept in bfloat16)."""
+  return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
 def minimiser(model: QuadraticModel) -> Array:

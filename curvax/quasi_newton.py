@@ -20,7 +20,7 @@ the direction otherwise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,8 @@ class QuasiNewtonState(NamedTuple):
 
 def sqn(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
         pair_period: int = 10, curvature: str = "ggn", curvature_batch: bool = False,
-        min_curvature: float = 1e-10) -> optax.GradientTransformationExtraArgs:
+        min_curvature: float = 1e-10,
+        axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Stochastic L-BFGS with CVP curvature pairs at averaged iterates (Byrd et al. 2016).
 
   Args:
@@ -72,18 +73,21 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: in
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
     curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
     min_curvature: pairs with ``sᵀy ≤ min_curvature · sᵀs`` are dropped.
+    axis_name: data-parallel axis (``shard_map`` / ``pmap``); products and the loss are
+      averaged over it (see :func:`curvax.linearize`).
   """
   def accept(store, s, y):
     return jnp.vdot(s, y) > min_curvature * jnp.vdot(s, s)
 
   return _quasi_newton("sqn", loss, learning_rate, memory, pair_period, curvature,
                        curvature_batch, pairs.lbfgs_inverse_product, accept,
-                       average_iterates=True, descent_fallback=False)
+                       average_iterates=True, descent_fallback=False, axis_name=axis_name)
 
 
 def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
          pair_period: int = 1, curvature: str = "ggn", curvature_batch: bool = False,
-         skip_tolerance: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+         skip_tolerance: float = 1e-8,
+         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Limited-memory SR1 with CVP curvature pairs and the standard skipping rule.
 
   Args:
@@ -94,19 +98,22 @@ def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: i
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
     curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
     skip_tolerance: ``r`` of the skipping rule ``|yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖``.
+    axis_name: data-parallel axis (``shard_map`` / ``pmap``); products and the loss are
+      averaged over it (see :func:`curvax.linearize`).
   """
   def accept(store, s, y):
     return pairs.sr1_accepts(store, s, y, skip_tolerance)
 
   return _quasi_newton("lsr1", loss, learning_rate, memory, pair_period, curvature,
                        curvature_batch, pairs.sr1_inverse_product, accept,
-                       average_iterates=False, descent_fallback=True)
+                       average_iterates=False, descent_fallback=True, axis_name=axis_name)
 
 
 def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_period: int,
                   curvature: str, curvature_batch: bool,
                   inverse_product: Callable, accept: Callable, *, average_iterates: bool,
-                  descent_fallback: bool) -> optax.GradientTransformationExtraArgs:
+                  descent_fallback: bool,
+                  axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
   loss = losses_lib.get(loss)
   check_positive("learning_rate", learning_rate)
   for arg, value in (("memory", memory), ("pair_period", pair_period)):
@@ -116,7 +123,7 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     raise ValueError(f"{name}: curvature must be 'ggn' or 'hessian', got {curvature!r}.")
 
   def init_fn(params):
-    flat, _ = ravel_pytree(params)
+    flat = _wide(ravel_pytree(params)[0])
     return QuasiNewtonState(
         pairs=pairs.empty(memory, flat.size, flat.dtype), anchor=flat,
         window_sum=jnp.zeros_like(flat), num_windows=jnp.zeros((), jnp.int32),
@@ -129,24 +136,27 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     del extra_args
     lin = extra_args_lib.linearization_from(
         name, loss, params, predict_fn=predict_fn, targets=targets,
-        linearization=linearization)
+        linearization=linearization, axis_name=axis_name)
     if curvature_batch and (curvature_predict_fn is None or curvature_targets is None):
       raise ValueError(f"{name}(curvature_batch=True): missing extra arguments "
                        "curvature_predict_fn / curvature_targets (the curvature batch).")
-    flat, unravel = ravel_pytree(params)
+    param_flat, param_unravel = ravel_pytree(params)
+    # Pairs, iterates and directions live in at least float32 (bfloat16 params).
+    flat = _wide(param_flat)
+    unravel = lambda v: param_unravel(v.astype(param_flat.dtype))
     grad = extra_args_lib.given_gradient(updates)
     grad = lin.grad() if grad is None else grad
-    g = ravel_pytree(grad)[0]
+    g = _wide(ravel_pytree(grad)[0])
 
     def curvature_product(at_flat, s_flat, reuse_step_linearization):
       if reuse_step_linearization:
-        return ravel_pytree(lin.product(curvature)(unravel(s_flat)))[0]
+        return _wide(ravel_pytree(lin.product(curvature)(unravel(s_flat)))[0])
       if curvature_batch:
         fn, tgt = curvature_predict_fn, curvature_targets
       else:
         fn, tgt = lin.predict, lin.targets
-      at = cvp.linearize(fn, unravel(at_flat), loss=loss, targets=tgt)
-      return ravel_pytree(at.product(curvature)(unravel(s_flat)))[0]
+      at = cvp.linearize(fn, unravel(at_flat), loss=loss, targets=tgt, axis_name=axis_name)
+      return _wide(ravel_pytree(at.product(curvature)(unravel(s_flat)))[0])
 
     window_sum = state.window_sum + flat
     window_done = (state.count + 1) % pair_period == 0
@@ -187,3 +197,7 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     return nonfinite.guard(finite, step, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _wide(a: jax.Array) -> jax.Array:
+  return a.astype(jnp.promote_types(a.dtype, jnp.float32))

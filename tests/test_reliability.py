@@ -24,7 +24,7 @@ SOLVERS = {
     "curveball/fixed": lambda: curvax.curveball(LOSS, rho=0.9, beta=0.1),
     "hessian_free": lambda: curvax.hessian_free(LOSS, max_cg_iters=5, min_cg_iters=2),
     "sqn": lambda: curvax.sqn(LOSS, learning_rate=0.5, memory=3, pair_period=2),
-    "lsr1": lambda: curvax.lsr1(LOSS, learning_rate=0.5, memory=3),
+    "lsr1": lambda: curvax.lsr1(LOSS, learning_rate=0.1, memory=3),
 }
 
 
@@ -147,13 +147,7 @@ def test_a_non_finite_batch_is_skipped_and_training_continues(name):
   assert_trees_equal(after, expected)
 
 
-# TODO(curvature in float32): remove once the quadratic model and the pair store promote.
-_BF16_PENDING = {"curveball", "lsr1"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="bf16 linalg"))
-    if n in _BF16_PENDING else n for n in SOLVERS])
+@solver_names
 def test_bfloat16_parameters_train_without_nan(name):
   tx, step = solver(name)
   params = init_params(jnp.bfloat16)
