@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import kron, losses
-from curvax.problems import models
+from curvax.problems import datasets, mixture, models
 from tests import dense_reference as ref
 
 BATCH = 3
@@ -336,3 +336,101 @@ def test_bad_arguments_are_clear_errors():
   untagged = lambda p: jax.nn.sigmoid(x @ p["w1"]) @ p["w2"] + p["b2"]
   with pytest.raises(ValueError, match="found no Dense or Conv layer"):
     tx.update(None, state, params, predict_fn=untagged, targets=y)
+
+
+# ------------------------------------------- non-exponential family (kfra_kflr.md §5.2)
+
+
+def _mixture_problem(seed=0, batch=1):
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = {"w1": jax.random.normal(k1, (4, 5), jnp.float64),
+            "b1": 0.1 * jax.random.normal(k2, (5,), jnp.float64),
+            "w2": 2 * jax.random.normal(k3, (5, 3), jnp.float64)}
+  x = jax.random.normal(k4, (batch, 4), jnp.float64)
+  predict = lambda p: kron.dense(jnp.tanh(kron.dense(x, p["w1"], p["b1"])), p["w2"])
+  return params, predict
+
+
+def _mixture_dense(predict, params, y):
+  """Output Jacobian, H_L = ∇²(−log p) at the data, its PSD part and the Fisher."""
+  w, unravel = ravel_pytree(params)
+  nll = lambda h, t: -mixture.log_likelihood(h, t)
+  h = predict(params)[0]
+  jac = np.asarray(jax.jacobian(lambda v: predict(unravel(v))[0])(w))
+  hess = np.asarray(jax.hessian(nll)(h, y))
+  vals, vecs = np.linalg.eigh(hess)
+  psd = (vecs * np.maximum(vals, 0)) @ vecs.T
+  p1 = float(mixture.probability_of_one(h))
+  fisher = sum(prob * np.outer(g, g) for prob, g in (
+      (1 - p1, np.asarray(jax.grad(nll)(h, 0.0))), (p1, np.asarray(jax.grad(nll)(h, 1.0)))))
+  return jac, hess, psd, fisher, p1
+
+
+def test_mixture_loss_kflr_and_kfra_give_the_psd_ggn_blocks():
+  """With one example, Q ⊗ 𝒢 = block of Jᵀ (H_L)₊ J; H_L itself is indefinite."""
+  with jax.enable_x64(True):
+    params, predict = _mixture_problem()
+    y = jnp.array([1.0])
+    loss = mixture.mixture_of_binary_classifiers()
+    jac, hess, psd, _, _ = _mixture_dense(predict, params, 1.0)
+    assert np.linalg.eigvalsh(hess).min() < -1e-6  # not PSD: the GGN needs (H_L)₊
+    ggn = jac.T @ psd @ jac
+    info = {}
+
+    def run(p):
+      cap = kron.capture(predict, p, loss=loss, targets=y)
+      info["blocks"] = cap.blocks
+      u = jnp.arange(3.0)[None] + 1
+      return (kron.kflr_factors(cap), kron.kfra_factors(cap, jnp.tanh),
+              loss.hessian_vp(cap.lin.outputs, y, u))
+
+    kflr_est, kfra_est, hvp = jax.jit(run)(params)
+    np.testing.assert_allclose(hvp[0], psd @ np.arange(1.0, 4.0), rtol=1e-10)
+    offsets = np.concatenate([[0], np.cumsum([l.size for l in jax.tree.leaves(params)])])
+    for estimate in (kflr_est, kfra_est):
+      for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
+        index = np.asarray([offsets[block.kernel] + i * block.out_dim + j
+                            if i < block.in_dim else offsets[block.bias] + j
+                            for i in range(block.q_dim) for j in range(block.out_dim)])
+        np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)], rtol=1e-8,
+                                   atol=1e-12)
+
+
+def test_mixture_loss_kfac_estimates_the_fisher_not_the_ggn():
+  """KFAC's exact expectation over y ~ p_θ(y|x) is the Fisher F = E_θ[∇ℓ∇ℓᵀ] ≠ (H_L)₊."""
+  with jax.enable_x64(True):
+    params, predict = _mixture_problem(seed=1)
+    loss = mixture.mixture_of_binary_classifiers()
+    _, _, psd, fisher, p1 = _mixture_dense(predict, params, 0.0)
+
+    def run(p):
+      cap = kron.capture(predict, p, loss=loss, targets=jnp.array([0.0]))
+      per_y = [kron.factors.from_columns(
+          cap, kron.factors.sampled_columns(cap, jnp.array([t]))[None]).g[-1]
+               for t in (0.0, 1.0)]
+      return per_y, kron.kflr_factors(cap).g[-1]
+
+    (g0, g1), g_kflr = jax.jit(run)(params)
+    expected_kfac = (1 - p1) * np.asarray(g0) + p1 * np.asarray(g1)
+    np.testing.assert_allclose(expected_kfac, fisher, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(g_kflr, psd, rtol=1e-9, atol=1e-14)
+    assert np.linalg.norm(fisher - psd) > 0.1 * np.linalg.norm(psd)
+
+
+@pytest.mark.parametrize("name", ["kflr", "kfra"])
+def test_mixture_loss_trains_on_even_odd_digits(name):
+  train = datasets.subset(datasets.load_mnist("train"), 256)
+  x = train.inputs.reshape(256, -1)[:, ::8]
+  y = mixture.even_odd(train.labels)
+  model = models.MLP(features=(16, 3), activation=jnp.tanh)
+  loss = mixture.mixture_of_binary_classifiers()
+  tx = ESTIMATORS[name](loss)
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=lambda q: model.apply(q, x),
+                                        targets=y))
+  start = float(loss.value(model.apply(params, x), y))
+  for _ in range(25):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert float(loss.value(model.apply(params, x), y)) < 0.6 * start

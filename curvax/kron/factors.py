@@ -31,10 +31,12 @@ is ``diag(Σ_n J_nᵀ H_n J_n)``, the diagonal of their GGN block (KFAC/KFLR onl
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from curvax.kron.capture import Capture
 
@@ -214,12 +216,15 @@ def chain_mismatch(capture: Capture, activations: Sequence[Activation]) -> Array
   return jnp.max(jnp.stack([g.astype(jnp.float32) for g in gaps]))
 
 
-def _raise_if_mismatched(mismatch, tolerance, solver):
-  if float(mismatch) > tolerance:
+def _raise_if_mismatched(mismatch, *, tolerance: float, solver: str):
+  # Plain numpy only: a host callback must not dispatch JAX operations (it can deadlock
+  # with the main thread).
+  mismatch = float(np.asarray(mismatch))
+  if mismatch > tolerance:
     raise ValueError(
         f"{solver}: the model is not the chain KFRA was told it is: a layer's input differs "
         f"from the declared activation of the previous layer's output (relative gap "
-        f"{float(mismatch):.3g}), or the network output is not the last Dense layer's "
+        f"{mismatch:.3g}), or the network output is not the last Dense layer's "
         "output (a skip connection, normalisation or pooling between layers?). Check "
         "activations= or use curvax.kflr / curvax.kfac.")
 
@@ -228,10 +233,12 @@ def verify_chain(capture: Capture, activations: Sequence[Activation], *,
                  tolerance: float = 1e-3, solver: str = "curvax.kfra") -> None:
   """Raises (at run time under jit, via ``jax.debug.callback``) if the chain is wrong."""
   mismatch = chain_mismatch(capture, activations)
+  check = functools.partial(_raise_if_mismatched, tolerance=float(tolerance),
+                            solver=solver)
   if isinstance(mismatch, jax.core.Tracer):
-    jax.debug.callback(_raise_if_mismatched, mismatch, tolerance, solver)
+    jax.debug.callback(check, mismatch)
   else:
-    _raise_if_mismatched(mismatch, tolerance, solver)
+    check(mismatch)
 
 
 def kfra(capture: Capture, activations: Union[Activation, Sequence[Activation]], *,
