@@ -21,8 +21,11 @@ the parameter pytree may be nested in any way, e.g. Flax ``{'params': ...}`` or 
 * pure-JAX code marks a layer with :func:`dense` — ``curvax.kron.dense(x, w, b)`` computes
   ``x @ w + b`` and records it when a capture is running (and is a plain matmul
   otherwise). In a ``flax.nnx`` module, call it with the variables' arrays,
-  ``curvax.kron.dense(x, self.kernel.value, self.bias.value)``, or wrap a linen model
-  with ``nnx.bridge.ToNNX``.
+  ``curvax.kron.dense(x, self.kernel[...], self.bias[...])``, and build
+  ``predict_fn`` as ``lambda p: nnx.merge(graphdef, p)(x)`` (this works with
+  ``nnx.Optimizer``; nnx's own ``nnx.Linear`` is not intercepted, and a linen model
+  wrapped in ``nnx.bridge.ToNNX`` is captured only if its random-number state is split
+  off and merged back in ``predict_fn``).
 
 Parameters that no captured layer uses (LayerNorm scales, embeddings, a layer under
 ``nn.scan``, a transformed weight) get a fallback block chosen by the optimiser and
