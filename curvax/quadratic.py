@@ -79,15 +79,47 @@ def minimiser(model: QuadraticModel) -> Array:
   """Coefficients ``x = −M⁺ b`` minimising the damped model.
 
   The pseudo-inverse makes a degenerate direction (e.g. CurveBall's ``z = 0`` on its
-  first step) drop out, leaving the lower-dimensional solve. Eigenvalues of ``M`` below
-  ``√ε`` of the largest (ε: the dtype's machine epsilon) count as zero: the entries of
-  ``M`` are long dot products with rounding errors far above ``ε·‖M‖``, so in float32
-  a nearly collinear pair of directions would otherwise get huge, cancelling
-  coefficients fitted to rounding noise.
+  first step) drop out, leaving the lower-dimensional solve. The solve is on the
+  Jacobi-scaled matrix ``D M D`` (``D = diag(M)^{-1/2}``, unit diagonal), so the
+  cutoff measures collinearity of the directions, not their lengths (CurveBall's ``z``
+  is often orders of magnitude shorter than ``Δz``). Eigenvalues of ``D M D`` below
+  ``√ε`` of the largest (ε: the dtype's machine epsilon) count as zero: the entries
+  are long dot products with rounding errors above ``ε·‖M‖``, so collinear directions
+  would otherwise get huge, cancelling coefficients fitted to rounding noise.
   """
   matrix = 0.5 * (model.damped + model.damped.T)
   rtol = float(jnp.finfo(matrix.dtype).eps) ** 0.5
-  return -jnp.linalg.pinv(matrix, rtol=rtol, hermitian=True) @ model.linear
+  diagonal = jnp.diagonal(matrix)
+  usable = diagonal > 0
+  scale = jnp.where(usable, 1.0 / jnp.sqrt(jnp.where(usable, diagonal, 1.0)), 0.0)
+  scaled = scale[:, None] * matrix * scale[None, :]
+  if matrix.shape[0] <= 2:
+    inverse = _small_symmetric_pinv(scaled, rtol)
+  else:
+    inverse = jnp.linalg.pinv(scaled, rtol=rtol, hermitian=True)
+  return -scale * (inverse @ (scale * model.linear))
+
+
+def _small_symmetric_pinv(matrix: Array, rtol: float) -> Array:
+  """Pseudo-inverse of a symmetric 1×1 or 2×2 matrix from its closed-form eigensystem.
+
+  Same cutoff as ``jnp.linalg.pinv(hermitian=True)``, but elementwise arithmetic: a
+  LAPACK / cuSOLVER eigendecomposition call costs more than a whole CurveBall step's
+  remaining scalar work on an accelerator.
+  """
+  if matrix.shape[0] == 1:
+    a = matrix[0, 0]
+    keep = jnp.abs(a) > 0
+    return jnp.where(keep, 1.0 / jnp.where(keep, a, 1.0), 0.0)[None, None]
+  a, b, c = matrix[0, 0], matrix[0, 1], matrix[1, 1]
+  theta = 0.5 * jnp.arctan2(2 * b, a - c)  # rotation diagonalising the matrix
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  vectors = jnp.stack([jnp.stack([cos, sin]), jnp.stack([-sin, cos])])  # rows
+  values = jnp.stack([a * cos**2 + 2 * b * sin * cos + c * sin**2,
+                      a * sin**2 - 2 * b * sin * cos + c * cos**2])
+  keep = jnp.abs(values) > rtol * jnp.max(jnp.abs(values))
+  inverse = jnp.where(keep, 1.0 / jnp.where(keep, values, 1.0), 0.0)
+  return (vectors.T * inverse) @ vectors
 
 
 def predicted_change(model: QuadraticModel, coefficients: Array, *,
