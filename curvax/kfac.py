@@ -8,7 +8,8 @@ eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One 
 1. capture the layers and linearise the network (one forward pass,
    :func:`curvax.kron.capture`); the gradient comes from the same pass;
 2. estimate the factors, update their moving averages (decay 0.9: §5), and every
-   ``inverse_period`` steps their eigendecompositions (``jax.lax.cond`` on the count);
+   ``inverse_period`` steps (and on γ-rule steps) their damped inverses
+   (``jax.lax.cond`` on the count);
 3. ``δ̃ = C̃⁻¹ ∇f`` with the factored damping ``(Q̃ + ω√k I) ⊗ (𝒢̃ + ω⁻¹√k I)``,
    ``k = γ + η`` (eq. 33–38);
 4. ``δ* = α* δ̃`` with ``α* = −δ̃ᵀ∇f / (δ̃ᵀ G δ̃ + (τ + η)‖δ̃‖²)`` (eq. 39–41), where
@@ -20,18 +21,19 @@ eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One 
    ``ρ = (f(θ + δ*) − f(θ)) / (f̂(δ*) − f̂(0))`` (eq. 42): ``τ·ω_τ`` if ``ρ > 0.75``,
    ``τ/ω_τ`` if ``ρ < 0.75``, ``ω_τ = 0.95^{T_τ}`` (App. C.3.1) — one extra forward pass
    on those steps;
-6. every ``gamma_period`` steps the greedy γ rule (App. C.3.2): the step is computed
-   for each of ``{ω_γ γ, γ, γ/ω_γ}`` (``ω_γ = 0.95^{T_γ}``) and the ``γ`` whose ``δ*``
-   minimises the quadratic model ``f̂(δ*)`` — the full-GGN model of step 4 — is kept
-   (two more J-products on those steps).
+6. every ``gamma_period`` steps the greedy γ rule (App. C.3.2): the inverses and the
+   step are computed for each of ``{ω_γ γ, γ, γ/ω_γ}`` (``ω_γ = 0.95^{T_γ}``) and the
+   ``γ`` whose ``δ*`` minimises the quadratic model ``f̂(δ*)`` — the full-GGN model of
+   step 4 — is kept with its inverses (two more J-products on those steps).
 
 ``η`` is an L2 regulariser ``(η/2)‖θ‖²`` added to the objective (App. C), 0 by default.
 The quadratic model of steps 4–6 is ``f̂(δ) = ∇fᵀδ + ½ δᵀ(G + (τ + η)I)δ``.
 
 Deviations and choices (see also the README):
 
-* factors live as eigendecompositions rather than inverses (App. C.1's two linear
-  solves per layer), so that the γ rule's three candidates share one decomposition;
+* the damped inverses (two Cholesky inversions per layer, App. C.1) are kept in the
+  state and refreshed every ``inverse_period`` steps and on γ-rule steps, as in KFAC;
+  Algorithm 1 refreshes them every step (``inverse_period=1``, the default);
 * the reduction ratio of eq. 42 uses the damped model ``G + (τ + η)I``, as written in
   App. C.3.1 (KFAC's §6.5 leaves ``τ`` out);
 * parameters outside every captured layer get a diagonal GGN estimate
@@ -64,7 +66,8 @@ class KFACState(NamedTuple):
 
   Attributes:
     factors: moving averages of ``Q̃``, ``𝒢̃`` and the fallback diagonals, per leaf.
-    inverse: their eigendecompositions, refreshed every ``inverse_period`` steps.
+    inverse: the damped inverses of the factors for the current ``γ``, refreshed
+      every ``inverse_period`` steps and on γ-rule steps.
     velocity: the previous step ``δ*`` (``momentum=True``; ``None`` otherwise).
     gamma: ``γ``, the damping of the approximate curvature (App. C.3.2).
     tau: ``τ``, the damping of the full-GGN quadratic model (App. C.3.1).
@@ -179,15 +182,13 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     if weight_decay:
       grad = optax.tree.add_scale(grad, weight_decay, params)
 
-    # Factors: this batch's estimate, moving averages, periodic eigendecompositions.
+    # Factors: this batch's estimate and the moving averages.
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
     estimate = estimator(cap, key)
     factors = kron_state.update(state.factors, estimate, cap, decay=factor_decay,
                                 first=state.count == 0)
-    inverse = jax.lax.cond(
-        state.count % inverse_period == 0,
-        lambda: kron_state.decompose(factors, state.inverse, cap),
-        lambda: state.inverse)
+    invert = lambda gamma_value: kron_state.invert(factors, state.inverse, cap,
+                                                   gamma_value + weight_decay)
 
     tau_now = state.tau.astype(dtype)
     model_damping = tau_now + weight_decay
@@ -195,7 +196,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       velocity = jax.tree.map(lambda v, p: v.astype(p.dtype), state.velocity, params)
       j_velocity = cap.jvp(velocity)
 
-    def candidate(gamma_value):
+    def candidate(gamma_value, inverse):
       """δ* for one γ: direction, its J-image, coefficients and model value."""
       direction = kron_state.precondition(cap, grad, factors, inverse,
                                           gamma_value + weight_decay, fallback=fallback)
@@ -219,23 +220,33 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     gamma_now = state.gamma.astype(dtype)
 
     def keep_gamma():
-      return (*candidate(gamma_now), gamma_now)
+      """The current γ; inverses refreshed every ``inverse_period`` steps."""
+      inverse = jax.lax.cond(state.count % inverse_period == 0,
+                             lambda: invert(gamma_now), lambda: state.inverse)
+      return (*candidate(gamma_now, inverse), gamma_now, inverse)
 
     def choose_gamma():
       """App. C.3.2: the γ among {ω_γγ, γ, γ/ω_γ} whose δ* minimises f̂."""
       gammas = damping_lib.gamma_candidates(gamma_now, gamma_factor,
                                             min_gamma=min_damping, max_gamma=max_damping)
-      results = jax.vmap(candidate)(gammas)
-      best = jnp.argmin(results[-1])
+
+      def one(gamma_value):
+        inverse = invert(gamma_value)
+        return (*candidate(gamma_value, inverse), inverse)
+
+      # A Python loop, not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.
+      results = jax.tree.map(lambda *xs: jnp.stack(xs), *[one(g) for g in gammas])
+      best = jnp.argmin(results[4])
       pick = lambda tree: jax.tree.map(lambda x: x[best], tree)
-      return (*pick(results), gammas[best])
+      step, image, alpha, mu, value, inverse = pick(results)
+      return step, image, alpha, mu, value, gammas[best], inverse
 
     if gamma_period:
       due = (state.count + 1) % gamma_period == 0
-      step, image, alpha, mu, value, new_gamma = jax.lax.cond(due, choose_gamma,
-                                                              keep_gamma)
+      step, image, alpha, mu, value, new_gamma, inverse = jax.lax.cond(
+          due, choose_gamma, keep_gamma)
     else:
-      step, image, alpha, mu, value, new_gamma = keep_gamma()
+      step, image, alpha, mu, value, new_gamma, inverse = keep_gamma()
 
     step = optax.tree.scale(learning_rate, step)
     image = learning_rate * image
@@ -291,7 +302,7 @@ _COMMON_ARGS = """
     weight_decay: ``η``, an L2 term ``(η/2)‖θ‖²`` added to the objective; it enters the
       gradient, ``k = γ + η`` and the model's ``τ + η`` (App. C).
     factor_decay: moving-average decay of the factors (§5: 0.9; 0 uses the batch alone).
-    inverse_period: recompute the factors' eigendecompositions every this many steps
+    inverse_period: recompute the factors' damped inverses every this many steps
       (Algorithm 1: every step; Martens & Grosse use 20).
     tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed.
     tau_factor: ``ω_τ``; default ``0.95^{T_τ}``.

@@ -321,7 +321,7 @@ class _NnxTagged(nnx.Module):
 def test_flax_nnx_optimizer_with_tagged_layers_matches_pure_jax():
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
   y = jax.random.randint(jax.random.PRNGKey(1), (8,), 0, 2)
-  tx = curvax.kflr(losses.softmax_cross_entropy(), tau_period=1)
+  tx = curvax.kflr(losses.softmax_cross_entropy(), tau_period=0, gamma_period=0)
   model = _NnxTagged(nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.as_pure(params)

@@ -302,14 +302,12 @@ def test_damped_kron_inverse_matches_dense_solve():
     omega = np.sqrt((np.trace(q) / 4) / (np.trace(g) / 3))  # eq. 38, trace norm
     damped = np.kron(q + omega * np.sqrt(k) * np.eye(4), g + np.sqrt(k) / omega * np.eye(3))
     expected = np.linalg.solve(damped, v.reshape(-1)).reshape(4, 3)
-    got = kron.factored_inverse(kron.inverse.eigh(jnp.asarray(q)),
-                                kron.inverse.eigh(jnp.asarray(g)), jnp.asarray(v),
+    got = kron.factored_inverse(jnp.asarray(q), jnp.asarray(g), jnp.asarray(v),
                                 jnp.asarray(k), q_dim=4, g_dim=3)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     pi = 1.7
-    got = kron.damped_kron_inverse(kron.inverse.eigh(jnp.asarray(q)),
-                                   kron.inverse.eigh(jnp.asarray(g)), jnp.asarray(v),
-                                   pi, 1 / pi)
+    got = kron.damped_kron_inverse(jnp.asarray(q), jnp.asarray(g), jnp.asarray(v), pi,
+                                   1 / pi)
     dense = np.kron(q + pi * np.eye(4), g + np.eye(3) / pi)
     np.testing.assert_allclose(got.reshape(-1), np.linalg.solve(dense, v.reshape(-1)),
                                rtol=1e-10)

@@ -9,8 +9,8 @@ The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curva
   (:mod:`curvax.kron.capture`);
 * :func:`kfac_factors`, :func:`kflr_factors`, :func:`kfra_factors` estimate each
   layer's ``Q̃`` and ``𝒢̃`` (:mod:`curvax.kron.factors`);
-* :mod:`curvax.kron.state` keeps their moving averages and eigendecompositions and
-  applies the factored-damping inverse (:mod:`curvax.kron.inverse`).
+* :mod:`curvax.kron.state` keeps their moving averages and damped inverses and
+  applies the factored-damping preconditioner (:mod:`curvax.kron.inverse`).
 """
 
 from curvax.kron import capture as capture_lib
@@ -22,11 +22,11 @@ from curvax.kron.factors import Estimate, chain_activations
 from curvax.kron.factors import kfac as kfac_factors
 from curvax.kron.factors import kflr as kflr_factors
 from curvax.kron.factors import kfra as kfra_factors
-from curvax.kron.inverse import Eigen, damped_kron_inverse, factored_inverse
+from curvax.kron.inverse import damped_inverses, damped_kron_inverse, factored_inverse
 
 __all__ = [
     "capture_lib", "factors", "inverse", "state",
     "Block", "Capture", "LayerCall", "capture", "conv_patches", "dense",
     "Estimate", "chain_activations", "kfac_factors", "kflr_factors", "kfra_factors",
-    "Eigen", "damped_kron_inverse", "factored_inverse",
+    "damped_inverses", "damped_kron_inverse", "factored_inverse",
 ]

@@ -1,5 +1,5 @@
-"""Curvature state of the Kronecker-factored optimisers: factors, their averages and
-eigendecompositions, and the preconditioner they define.
+"""Curvature state of the Kronecker-factored optimisers: factors, their averages, the
+damped inverses, and the preconditioner they define.
 
 Storage is allocated from parameter shapes alone (:func:`init`), so ``optax``'s
 ``init(params)`` needs no model and the state never changes structure — the step is
@@ -7,7 +7,7 @@ jitted once. Slots are per parameter leaf, in ``jax.tree.leaves`` order:
 
 * a leaf with two or more axes (a possible kernel) reserves ``Q̃`` of size
   ``∏shape[:-1] + 1`` and ``𝒢̃`` of size ``shape[-1]``
-  (:func:`curvax.kron.capture.slot_dims`), plus their eigendecompositions;
+  (:func:`curvax.kron.capture.slot_dims`), plus their damped inverses;
 * every leaf reserves a diagonal of its own shape for the fallback block.
 
 At each step the captured blocks fill their kernel's slots (a layer without bias leaves
@@ -43,7 +43,8 @@ class Factors(NamedTuple):
 
 
 class Inverse(NamedTuple):
-  """Eigendecompositions of the factors the preconditioner uses, per leaf."""
+  """The damped inverses ``(Q̃ + ω√k I)⁻¹`` and ``(𝒢̃ + ω⁻¹√k I)⁻¹`` the
+  preconditioner applies, per leaf (eq. 36)."""
   q: tuple
   g: tuple
 
@@ -55,22 +56,22 @@ def _dtype(leaf):
 
 def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Factors,
                                                                             Inverse]:
-  """Zero factors and identity eigendecompositions for every slot."""
-  q, g, diag, q_eig, g_eig = [], [], [], [], []
+  """Zero factors and identity inverses for every slot."""
+  q, g, diag, q_inv, g_inv = [], [], [], [], []
   for leaf in jax.tree.leaves(params):
     dtype = _dtype(leaf)
     diag.append(jnp.zeros(jnp.shape(leaf), dtype))
     dims = slot_dims(jnp.shape(leaf), max_factor_dim)
     if dims is None:
-      q.append(None), g.append(None), q_eig.append(None), g_eig.append(None)
+      q.append(None), g.append(None), q_inv.append(None), g_inv.append(None)
       continue
     dq, dg = dims
     q.append(jnp.zeros((dq, dq), dtype))
     g.append(jnp.zeros((dg, dg), dtype))
-    q_eig.append(inverse_lib.Eigen(jnp.eye(dq, dtype=dtype), jnp.zeros((dq,), dtype)))
-    g_eig.append(inverse_lib.Eigen(jnp.eye(dg, dtype=dtype), jnp.zeros((dg,), dtype)))
+    q_inv.append(jnp.eye(dq, dtype=dtype))
+    g_inv.append(jnp.eye(dg, dtype=dtype))
   return (Factors(tuple(q), tuple(g), tuple(diag)),
-          Inverse(tuple(q_eig), tuple(g_eig)))
+          Inverse(tuple(q_inv), tuple(g_inv)))
 
 
 def _pad_to(matrix: Array, size: int) -> Array:
@@ -96,13 +97,16 @@ def update(factors: Factors, estimate: Estimate, capture: Capture, *, decay: flo
   return Factors(tuple(q), tuple(g), tuple(diag))
 
 
-def decompose(factors: Factors, previous: Inverse, capture: Capture) -> Inverse:
-  """Fresh eigendecompositions of the captured blocks' factors."""
+def invert(factors: Factors, previous: Inverse, capture: Capture,
+           damping: Array) -> Inverse:
+  """Fresh damped inverses of the captured blocks' factors for ``k = damping``
+  (eq. 36–38; other slots keep ``previous``)."""
   q, g = list(previous.q), list(previous.g)
   for block in capture.blocks:
     i = block.kernel
-    q[i] = inverse_lib.eigh(factors.q[i])
-    g[i] = inverse_lib.eigh(factors.g[i])
+    k = damping.astype(factors.q[i].dtype)
+    q[i], g[i] = inverse_lib.damped_inverses(factors.q[i], factors.g[i], k,
+                                             q_dim=block.q_dim, g_dim=block.out_dim)
   return Inverse(tuple(q), tuple(g))
 
 
@@ -119,17 +123,17 @@ def _block_matrix(leaves, block, q_size):
 
 def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inverse,
                  damping: Array, *, fallback: str = "diagonal") -> PyTree:
-  """``δ̃ = C̃⁻¹ ∇f`` (eq. 33–36): per block the factored damped Kronecker inverse with
-  ``k = damping`` (= γ + η); per fallback leaf ``g / (d + k)`` with ``d`` the diagonal
-  estimate (``fallback="diagonal"``) or ``d = 1`` (``"identity"``)."""
+  """``δ̃ = C̃⁻¹ ∇f`` (eq. 33–36): per block ``(Q̃ + ω√k I)⁻¹ V (𝒢̃ + ω⁻¹√k I)⁻¹`` with the
+  stored inverses (made by :func:`invert` for ``k = damping`` = γ + η); per fallback
+  leaf ``g / (d + k)`` with ``d`` the diagonal estimate (``fallback="diagonal"``) or
+  ``d = 1`` (``"identity"``)."""
   leaves, treedef = jax.tree.flatten(grad)
   out = list(leaves)
   for block in capture.blocks:
     i = block.kernel
-    q_eig, g_eig = inverse.q[i], inverse.g[i]
-    v = _block_matrix(leaves, block, q_eig.vals.shape[0]).astype(q_eig.vecs.dtype)
-    x = inverse_lib.factored_inverse(q_eig, g_eig, v, damping.astype(v.dtype),
-                                     q_dim=block.q_dim, g_dim=block.out_dim)
+    q_inv, g_inv = inverse.q[i], inverse.g[i]
+    v = _block_matrix(leaves, block, q_inv.shape[0]).astype(q_inv.dtype)
+    x = q_inv @ v @ g_inv
     kernel_leaf = leaves[block.kernel]
     out[block.kernel] = x[:block.in_dim].reshape(kernel_leaf.shape).astype(
         kernel_leaf.dtype)
