@@ -173,11 +173,15 @@ def _tuned(problem, make, keys, exponents=range(1, 7)):
   return 10.0 ** -best
 
 
-def run(num_runs: int = 100):
+def run(num_runs: int = 100, max_iters: int | None = None):
+  """The table; ``max_iters`` caps every run (a quick look: slower methods then show
+  the cap and count as not converged)."""
   keys = jax.random.split(jax.random.PRNGKey(0), num_runs)
   tune_keys = jax.random.split(jax.random.PRNGKey(1), 10)
   table = {}
   for name, problem in PROBLEMS.items():
+    if max_iters is not None:
+      problem = problem._replace(max_iters=max_iters)
     sgd_lr = _tuned(problem, lambda lr: optax.sgd(lr, momentum=0.9), tune_keys)
     adam_lr = _tuned(problem, optax.adam, tune_keys)
     methods = {
