@@ -25,6 +25,9 @@ SOLVERS = {
     "hessian_free": lambda: curvax.hessian_free(LOSS, max_cg_iters=5, min_cg_iters=2),
     "sqn": lambda: curvax.sqn(LOSS, learning_rate=0.5, memory=3, pair_period=2),
     "lsr1": lambda: curvax.lsr1(LOSS, learning_rate=0.1, memory=3),
+    "kfac": lambda: curvax.kfac(LOSS, inverse_period=2),
+    "kflr": lambda: curvax.kflr(LOSS),
+    "kfra": lambda: curvax.kfra(LOSS, activations=jnp.tanh),
 }
 
 
@@ -41,7 +44,9 @@ def batch(i, dtype=jnp.float32):
 
 
 def predict(params, x):
-  return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+  # Tagged layers (plain matmuls outside a Kronecker capture) so the KFAC family sees them.
+  hidden = jnp.tanh(curvax.kron.dense(x, params["w1"], params["b1"]))
+  return curvax.kron.dense(hidden, params["w2"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,15 +157,17 @@ def test_bfloat16_parameters_train_without_nan(name):
   tx, step = solver(name)
   params = init_params(jnp.bfloat16)
   state = tx.init(params)
+  # One batch throughout: the loss on it must fall (fresh random-label batches would
+  # make the loss on any one of them non-monotone in float32 as well).
   x0, y0 = batch(0)
-  first = curvax.losses.get(LOSS).value(predict(params, x0.astype(jnp.bfloat16)), y0)
-  for i in range(STEPS):
-    x, y = batch(i)
-    params, state = step(params, state, x.astype(jnp.bfloat16), y)
+  x0 = x0.astype(jnp.bfloat16)
+  first = curvax.losses.get(LOSS).value(predict(params, x0), y0)
+  for _ in range(STEPS):
+    params, state = step(params, state, x0, y0)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
   assert int(state.num_skipped) == 0
-  last = curvax.losses.get(LOSS).value(predict(params, x0.astype(jnp.bfloat16)), y0)
+  last = curvax.losses.get(LOSS).value(predict(params, x0), y0)
   assert float(last) < float(first)
 
 

@@ -50,8 +50,11 @@ class Inverse(NamedTuple):
 
 
 def _dtype(leaf):
+  """Factors and inverses in at least float32 (bfloat16 params get float32 curvature)."""
   dtype = jnp.result_type(leaf)
-  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Factors,
