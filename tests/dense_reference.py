@@ -159,3 +159,16 @@ def spd_matrix(n: int, eigenvalues, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   q, _ = np.linalg.qr(rng.normal(size=(n, n)))
   return (q * np.asarray(eigenvalues, np.float64)) @ q.T
+
+
+def tiny_mlp_stepper(tx, *, curvature_batch: bool = False):
+  """Jitted ``step(params, state, x, y, cx=None, cy=None, grad=None) -> (updates, state)``
+  for :class:`TinyMLP`, with the SHG curvature batch ``(cx, cy)`` when asked for."""
+  def step(params, state, x, y, cx=None, cy=None, grad=None):
+    extra = {}
+    if curvature_batch:
+      extra = dict(curvature_predict_fn=lambda p: TinyMLP.predict(p, cx),
+                   curvature_targets=cy)
+    return tx.update(grad, state, params, predict_fn=lambda p: TinyMLP.predict(p, x),
+                     targets=y, **extra)
+  return jax.jit(step)

@@ -23,16 +23,7 @@ EXACT = dict(backtracking=False, warm_start_decay=0.0, max_cg_iters=100, min_cg_
              cg_tol=1e-15)
 
 
-def _stepper(tx, *, curvature_batch=False):
-  """Jitted ``step(params, state, x, y[, cx, cy][, grad]) -> (updates, state)``."""
-  def step(params, state, x, y, cx=None, cy=None, grad=None):
-    extra = {}
-    if curvature_batch:
-      extra = dict(curvature_predict_fn=lambda p: ref.TinyMLP.predict(p, cx),
-                   curvature_targets=cy)
-    return tx.update(grad, state, params, predict_fn=lambda p: ref.TinyMLP.predict(p, x),
-                     targets=y, **extra)
-  return jax.jit(step)
+_stepper = ref.tiny_mlp_stepper
 
 
 def _with_damping(tx, params, damping):

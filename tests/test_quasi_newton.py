@@ -32,14 +32,7 @@ def _batches(steps, size=6, seed=1):
 
 
 def _stepper(tx, curvature_batch):
-  def step(params, state, x, y, cx, cy):
-    extra = {}
-    if curvature_batch:
-      extra = dict(curvature_predict_fn=lambda p: ref.TinyMLP.predict(p, cx),
-                   curvature_targets=cy)
-    return tx.update(None, state, params, predict_fn=lambda p: ref.TinyMLP.predict(p, x),
-                     targets=y, **extra)
-  return jax.jit(step)
+  return ref.tiny_mlp_stepper(tx, curvature_batch=curvature_batch)
 
 
 def _bfgs_inverse(s_list, y_list, n):
