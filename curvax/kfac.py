@@ -42,7 +42,6 @@ Deviations and choices (see also the README):
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax

@@ -1,7 +1,6 @@
 """Kronecker-factored curvature: capture, factor estimators and damped inverses against
 dense references built with jax.jacobian / jax.hessian, optax's losses and numpy."""
 
-import warnings
 
 import flax.linen as nn
 import jax
@@ -11,7 +10,6 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-import curvax
 from curvax import kron, losses
 from curvax.problems import models
 from tests import dense_reference as ref
