@@ -172,3 +172,17 @@ def tiny_mlp_stepper(tx, *, curvature_batch: bool = False):
     return tx.update(grad, state, params, predict_fn=lambda p: TinyMLP.predict(p, x),
                      targets=y, **extra)
   return jax.jit(step)
+
+
+def assert_batch_skipped(new_params, updates, new_state, params, state):
+  """A non-finite batch: zero updates, parameters and every state field unchanged,
+  ``num_skipped`` incremented by one."""
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  for got, kept in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(kept))
+  assert int(new_state.num_skipped) == int(state.num_skipped) + 1
+  for name in state._fields:
+    if name != "num_skipped":
+      for got, kept in zip(jax.tree.leaves(getattr(new_state, name)),
+                           jax.tree.leaves(getattr(state, name))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(kept), err_msg=name)
