@@ -120,8 +120,16 @@ class Linearization:
 
   def vjp(self, u: Array) -> PyTree:
     """``Jᵀ u``: output-space cotangent pulled back to parameters."""
+    return self.batch_mean(self.local_vjp(u))
+
+  def local_vjp(self, u: Array) -> PyTree:
+    """This device's ``Jᵀ u``, before :meth:`batch_mean`.
+
+    For inputs that hold per-example values (e.g. a layer's output sensitivities in
+    :mod:`curvax.kron`), which must not be averaged over devices.
+    """
     (result,) = jax.linear_transpose(self._jvp, self.params)(u)
-    return self.batch_mean(result)
+    return result
 
   def output_hvp(self, u: Array) -> Array:
     """``H_L u`` in output space (closed form for the canonical losses)."""

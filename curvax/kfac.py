@@ -91,12 +91,16 @@ class KFACState(NamedTuple):
   num_skipped: jax.Array
 
 
-def _model_from(solver, predict_fn, targets, linearization):
+def _model_from(solver, predict_fn, targets, linearization, axis_name):
   """``(predict_fn, targets)`` from the extra arguments (see :mod:`curvax.extra_args`)."""
   if linearization is not None:
     if predict_fn is not None:
       raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
                        "not both.")
+    if linearization.axis_name != axis_name:
+      raise ValueError(
+          f"{solver}: the linearization was built with axis_name="
+          f"{linearization.axis_name!r} but the solver has axis_name={axis_name!r}.")
     # The capture needs its own forward pass; the linearisation supplies the model.
     return linearization.predict, linearization.targets
   if predict_fn is None or targets is None:
@@ -120,7 +124,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                        gamma_period: int = 20, gamma_factor: Optional[float] = None,
                        min_damping: float = 1e-8, max_damping: float = 1e8,
                        momentum: bool = False, fallback: str = "diagonal",
-                       max_factor_dim: Optional[int] = 4096, seed: int = 0
+                       max_factor_dim: Optional[int] = 4096, seed: int = 0,
+                       axis_name: Optional[str] = None
                        ) -> optax.GradientTransformationExtraArgs:
   """The shared optimiser behind :func:`kfac`, :func:`kflr` and :func:`kfra`.
 
@@ -171,9 +176,9 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     if params is None:
       raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
                        "params, predict_fn=..., targets=...).")
-    predict, targets = _model_from(name, predict_fn, targets, linearization)
+    predict, targets = _model_from(name, predict_fn, targets, linearization, axis_name)
     cap = kron.capture(predict, params, loss=loss, targets=targets,
-                       max_factor_dim=max_factor_dim, solver=name)
+                       max_factor_dim=max_factor_dim, solver=name, axis_name=axis_name)
     lin = cap.lin
     dtype = lin.loss_value.dtype
     given = extra_args_lib.given_gradient(updates)
@@ -205,7 +210,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
         images.append(j_velocity)
       model = quadratic.build(images, directions, output_hvp=lin.output_hvp,
                               gradient_dots=[optax.tree.vdot(grad, d) for d in directions],
-                              damping=model_damping)
+                              damping=model_damping, output_vdot=lin.output_vdot)
       coefficients = quadratic.minimiser(model)
       value = quadratic.predicted_change(model, coefficients, damped=True)
       step = optax.tree.scale(coefficients[0], direction)
@@ -273,10 +278,11 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
 
     def evaluate():
       predicted = (optax.tree.vdot(grad, step)
-                   + 0.5 * (jnp.vdot(image, lin.output_hvp(image))
+                   + 0.5 * (lin.output_vdot(image, lin.output_hvp(image))
                             + model_damping * optax.tree.norm(step, squared=True)))
       new_params = optax.tree.add(params, step)
-      new_value = _objective(lin.loss.value(predict(new_params), targets), new_params)
+      new_value = _objective(
+          lin.batch_mean(lin.loss.value(predict(new_params), targets)), new_params)
       actual = new_value - _objective(lin.loss_value, params)
       ratio = quadratic.reduction_ratio(actual, predicted)
       new_tau = damping_lib.tau_rule(tau_now, ratio, factor=tau_factor,
@@ -316,6 +322,11 @@ _COMMON_ARGS = """
     max_factor_dim: kernels whose factors would be larger than this (and every other
       leaf) use the fallback; also bounds the state allocated for leaves that turn out
       not to be kernels (e.g. embedding tables). ``None``: no bound.
+    axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over,
+      evenly: the gradient, the factors (each an average over examples), the quadratic
+      model and ρ are averaged over it (:meth:`curvax.Linearization.batch_mean`), so
+      every device takes the global-batch step. KFAC samples its targets with a key
+      folded with the device index. Not needed under ``jax.jit`` with a sharded batch.
 """
 
 _USAGE = """

@@ -348,7 +348,7 @@ class Capture:
 
   def grad(self) -> PyTree:
     """``∇f`` with respect to the parameters."""
-    return self.lin.vjp(self.lin.output_grad)[0]
+    return self.lin.batch_mean(self.lin.local_vjp(self.lin.output_grad)[0])
 
   def jvp(self, tangent: PyTree) -> Array:
     """``J v`` for a parameter-space ``v`` (the perturbations' tangent is zero)."""
@@ -356,8 +356,9 @@ class Capture:
     return self.lin.jvp((tangent, zeros))
 
   def pullback(self, u: Array) -> tuple[PyTree, tuple[Array, ...]]:
-    """``(Jᵀ u, (J_{h_λ}ᵀ u for every call))`` in one backward pass."""
-    param_ct, sensitivities = self.lin.vjp(u)
+    """``(Jᵀ u, (J_{h_λ}ᵀ u for every call))`` in one backward pass, on this device's
+    examples (the estimators average their factors over devices)."""
+    param_ct, sensitivities = self.lin.local_vjp(u)
     return param_ct, tuple(sensitivities)
 
   def activations(self, block: Block) -> Array:
@@ -374,7 +375,8 @@ class Capture:
       rows.append(x.reshape(-1, call.in_dim))
     a = jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
     if block.bias is not None:
-      a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+      # A pad, not a concatenate with jnp.ones: it keeps a batch-sharded ``a`` sharded.
+      a = jnp.pad(a, ((0, 0), (0, 1)), constant_values=1)
     return a
 
   def sensitivity_rows(self, block: Block, sensitivities: Sequence[Array],
@@ -437,7 +439,7 @@ def slot_dims(shape: Sequence[int], max_factor_dim: Optional[int]
 def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
             loss: "losses_lib.Loss | str", targets: Array,
             max_factor_dim: Optional[int] = None, solver: str = "curvax.kron",
-            warn: bool = True) -> Capture:
+            warn: bool = True, axis_name: Optional[str] = None) -> Capture:
   """Runs ``predict_fn(params)`` once with its layers captured and linearised.
 
   Args:
@@ -448,6 +450,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
     max_factor_dim: kernels whose factors would be larger are left to the fallback.
     solver: the name used in errors and warnings.
     warn: warn about parameters without a Kronecker block.
+    axis_name: the data-parallel axis the batch is split over (see
+      :func:`curvax.linearize`); the estimators then average their factors over it.
 
   Raises:
     ValueError: when no layer is found.
@@ -504,7 +508,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
           "a model calls must not depend on parameter values.")
     return out, (tuple(recorder.inputs), tuple(recorder.outputs))
 
-  lin = cvp.linearize(run, (params, zeros), loss=loss, targets=targets, has_aux=True)
+  lin = cvp.linearize(run, (params, zeros), loss=loss, targets=targets, has_aux=True,
+                       axis_name=axis_name)
   inputs, outputs = lin.aux
   return Capture(lin, params, calls, blocks, fallback, inputs, outputs, zeros, leaf_names)
 

@@ -58,13 +58,26 @@ class Estimate(NamedTuple):
   diag: Optional[tuple]
 
 
+def row_gram(a: Array) -> Array:
+  """``aᵀa``, summed over the rows of ``a`` (examples and positions).
+
+  Under ``jax.jit`` with the batch sharded over an *explicit* mesh axis the rows are
+  sharded, and JAX asks for the sharding of a product that contracts them: the factor is
+  replicated.
+  """
+  spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", ())
+  if any(axis is not None for axis in spec):
+    return jnp.matmul(a.T, a, out_sharding=jax.sharding.PartitionSpec())
+  return a.T @ a
+
+
 def input_factors(capture: Capture) -> tuple:
   """``Q̃_λ = (1/R) Σ_r a_r a_rᵀ`` for every block (eq. 21, bias as an appended 1)."""
   out = []
   for block in capture.blocks:
     a = capture.activations(block)
-    out.append(a.T @ a / a.shape[0])
-  return tuple(out)
+    out.append(row_gram(a) / a.shape[0])
+  return capture.lin.batch_mean(tuple(out))
 
 
 def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = None,
@@ -87,12 +100,14 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
   for block in capture.blocks:
     c = capture.sensitivity_rows(block, sensitivities, batch_dims=1)
     c = c.reshape(-1, block.out_dim)
-    g.append(c.T @ c)
+    g.append(row_gram(c))
   diag = None
   if want_diag:
     leaves = jax.tree.leaves(param_ct)
     diag = tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in capture.fallback)
-  return Estimate(input_factors(capture), tuple(g), diag)
+  # Each device's columns carry its own 1/√B: averaging gives the global-batch factors.
+  g, diag = capture.lin.batch_mean((tuple(g), diag))
+  return Estimate(input_factors(capture), g, diag)
 
 
 def kflr(capture: Capture, key: Optional[Array] = None, *,
@@ -128,6 +143,8 @@ def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
   """
   lin = capture.lin
   sample_key, sign_key = jax.random.split(key)
+  if lin.axis_name is not None:
+    sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(lin.axis_name))
   keys = jax.random.split(sample_key, num_samples)
   targets = jax.vmap(lambda k: lin.loss.sample(k, lin.outputs, lin.targets))(keys)
   columns = jax.vmap(lambda t: sampled_columns(capture, t))(targets)
@@ -149,7 +166,7 @@ def output_hessian(capture: Capture, *, chunk: int = 128) -> Array:
   dim = outputs.shape[-1]
 
   def column(e):
-    u = jnp.broadcast_to(e, outputs.shape)
+    u = jnp.zeros_like(outputs) + e  # sharded like the outputs, unlike broadcast_to
     return jnp.sum(lin.output_hvp(u), axis=0)
 
   eye = jnp.eye(dim, dtype=outputs.dtype)
@@ -266,13 +283,14 @@ def kfra(capture: Capture, activations: Union[Activation, Sequence[Activation]],
     verify_chain(capture, activations, solver=solver)
   batch = capture.batch_size
   g = [None] * num
-  g[-1] = output_hessian(capture)
+  mean = capture.lin.batch_mean
+  g[-1] = mean(output_hessian(capture))
   for lam in range(num - 1, 0, -1):
     kernel = capture.leaves[capture.blocks[lam].kernel]
     h_prev = capture.outputs[lam - 1]
     d = activation_derivative(activations[lam - 1], h_prev)
     propagated = kernel @ g[lam] @ kernel.T
-    g[lam - 1] = propagated * (d.T @ d) / batch
+    g[lam - 1] = propagated * mean(row_gram(d) / batch)
   return Estimate(input_factors(capture), tuple(g), None)
 
 
