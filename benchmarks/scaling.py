@@ -34,9 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import curvax  # noqa: E402
 from benchmarks.timing import median_times  # noqa: E402
+from curvax import kron  # noqa: E402
 from curvax.problems import models  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+MODEL = models.MLP(features=(256, 128, 10))
 LOSS = "softmax_cross_entropy"
 DEVICE_COUNTS = (1, 2, 4, 8)
 
@@ -46,6 +48,10 @@ SOLVERS = {
     "hessian_free": lambda: curvax.hessian_free(LOSS, max_cg_iters=10, min_cg_iters=10),
     "sqn": lambda: curvax.sqn(LOSS, learning_rate=0.1),
     "lsr1": lambda: curvax.lsr1(LOSS, learning_rate=0.1),
+    "kfac": lambda: curvax.kfac(LOSS, inverse_period=5),
+    "kflr": lambda: curvax.kflr(LOSS, inverse_period=5),
+    "kfra": lambda: curvax.kfra(LOSS, inverse_period=5,
+                                activations=kron.chain_activations(MODEL)),
 }
 
 _BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1}
@@ -81,7 +87,7 @@ def _step(tx, model, loss, first_order: bool):
 
 
 def measure(per_device_batch: int, repeats: int):
-  model = models.MLP(features=(256, 128, 10))
+  model = MODEL
   loss = curvax.losses.get(LOSS)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))
   rows = []

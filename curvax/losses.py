@@ -32,6 +32,18 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def _sharded_like_batch(x: Array, outputs: Array) -> Array:
+  """``x`` (one row per example) split like the batch axis of ``outputs``.
+
+  Under an explicit mesh ``jax.vmap`` needs every mapped input sharded the same way; this
+  is a no-op otherwise.
+  """
+  spec = getattr(getattr(jax.typeof(outputs), "sharding", None), "spec", ())
+  if not spec or spec[0] is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(spec[0]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
   """A loss on network outputs with its output-space derivatives.
@@ -130,7 +142,7 @@ class Loss:
     if targets is None:
       targets = self._default_targets(outputs)
     outputs, targets = self._validate(outputs, targets)
-    keys = jax.random.split(key, outputs.shape[0])
+    keys = _sharded_like_batch(jax.random.split(key, outputs.shape[0]), outputs)
     return jax.vmap(self.per_example_sample)(keys, outputs, targets)
 
   def _default_targets(self, outputs):
