@@ -26,7 +26,7 @@ import optax
 
 import curvax
 from curvax import kron
-from curvax.problems import datasets, models
+from curvax.problems import datasets, models, training
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SECOND_ORDER = ("kfac", "kflr", "kfra")
@@ -42,20 +42,6 @@ def optimisers(loss, model):
   }
 
 
-def make_step(model, tx, loss, second_order):
-  @jax.jit
-  def step(params, opt_state, x):
-    predict = lambda p: model.apply(p, x)
-    if second_order:
-      updates, opt_state = tx.update(None, opt_state, params, predict_fn=predict, targets=x)
-    else:
-      grads = jax.grad(lambda p: loss.value(predict(p), x))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
-
-
 def train_curves(model, pixels, probe, *, steps, batch_size, eval_every, names, seed=0):
   loss = curvax.losses.sigmoid_binary_cross_entropy()
   params0 = model.init(jax.random.PRNGKey(seed), pixels[:1])
@@ -64,9 +50,10 @@ def train_curves(model, pixels, probe, *, steps, batch_size, eval_every, names, 
   for name, tx in optimisers(loss, model).items():
     if name not in names:
       continue
-    step = make_step(model, tx, loss, name in SECOND_ORDER)
+    step = training.make_step(model, tx, loss, second_order=name in SECOND_ORDER)
     params, opt_state = params0, tx.init(params0)
-    jax.block_until_ready(step(params, opt_state, pixels[:batch_size]))  # compile
+    first = pixels[:batch_size]
+    jax.block_until_ready(step(params, opt_state, first, first))  # compile
     record = {"step": [0], "seconds": [0.0], "loss": [float(evaluate(params))]}
     elapsed = 0.0
     order = jax.random.permutation(jax.random.PRNGKey(seed + 1), pixels.shape[0])
@@ -74,7 +61,7 @@ def train_curves(model, pixels, probe, *, steps, batch_size, eval_every, names, 
       start_index = ((i - 1) * batch_size) % (pixels.shape[0] - batch_size + 1)
       x = pixels[order[start_index:start_index + batch_size]]
       start = time.perf_counter()
-      params, opt_state = jax.block_until_ready(step(params, opt_state, x))
+      params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, x))
       elapsed += time.perf_counter() - start
       if i % eval_every == 0 or i == steps:
         record["step"].append(i)

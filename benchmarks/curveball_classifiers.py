@@ -4,7 +4,7 @@
 
 The paper's MLP (784-1000-500-250-10, tanh) and basic CNN (5×5 convs 32-32-64-64-10,
 3×3 max-pool stride 2 after the first three) on MNIST — CIFAR-10 ships in no registry
-package, so MNIST stands in. CurveBall (λ₀ = 1, see ``optimisers``) vs Adam (1e-3) vs SGD +
+package, so MNIST stands in. CurveBall (λ₀ = 1, see ``training.classifier_optimisers``) vs Adam (1e-3) vs SGD +
 momentum (0.1, 0.9) on identical batches. Every ``eval_every`` steps the loss and error
 on a fixed training subset are recorded against the step count and the optimiser's own
 wall-clock (evaluation and compilation excluded). Reports the wall-clock each method needs
@@ -21,40 +21,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import curvax
-from curvax.problems import datasets, models
+from curvax.problems import datasets, models, training
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def optimisers(loss):
-  return {
-      # λ₀ = 1: on these MNIST models γ stays within [1/2, 3/2], so the §3.4 rule never
-      # moves λ and λ₀ decides; the paper's no-batch-norm default 10 trails λ₀ = 1
-      # (MLP, 460 steps: loss 0.27 vs 0.15) and λ₀ <= 0.03 is unstable.
-      "curveball": curvax.curveball(loss, damping=1.0),
-      "adam": optax.adam(1e-3),
-      "sgd+momentum": optax.sgd(0.1, momentum=0.9),
-  }
-
-
-def make_step(model, tx, loss):
-  """A jitted ``(params, state, x, y) -> (params, state)``; no-grad path for curvax."""
-  second_order = isinstance(tx.init(jnp.zeros(1)), curvax.CurveBallState)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    predict = lambda p: model.apply(p, x)
-    if second_order:
-      updates, opt_state = tx.update(None, opt_state, params, predict_fn=predict, targets=y)
-    else:
-      grads = jax.grad(lambda p: loss.value(predict(p), y))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
 
 
 def _evaluator(model, loss, data):
@@ -72,8 +43,8 @@ def train_curves(model, train, probe, *, epochs, batch_size, eval_every, seed=0)
   params0 = model.init(jax.random.PRNGKey(seed), train.inputs[:1])
   evaluate = _evaluator(model, loss, probe)
   curves = {}
-  for name, tx in optimisers(loss).items():
-    step = make_step(model, tx, loss)
+  for name, tx in training.classifier_optimisers(loss).items():
+    step = training.make_step(model, tx, loss, second_order=name == "curveball")
     params, opt_state = params0, tx.init(params0)
     warm = step(params, opt_state, train.inputs[:batch_size], train.labels[:batch_size])
     jax.block_until_ready(warm)  # compile outside the clock
@@ -82,7 +53,7 @@ def train_curves(model, train, probe, *, epochs, batch_size, eval_every, seed=0)
     for epoch in range(epochs):
       for x, y in datasets.batches(train, batch_size, jax.random.PRNGKey(100 + epoch)):
         start = time.perf_counter()
-        params, opt_state = jax.block_until_ready(step(params, opt_state, x, y))
+        params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))
         clock += time.perf_counter() - start
         count += 1
         if count % eval_every == 0:

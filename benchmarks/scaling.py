@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import curvax  # noqa: E402
 from benchmarks.timing import median_times  # noqa: E402
 from curvax import kron  # noqa: E402
-from curvax.problems import models  # noqa: E402
+from curvax.problems import models, training  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 MODEL = models.MLP(features=(256, 128, 10))
@@ -74,18 +74,6 @@ def all_reduce_bytes(hlo_text: str) -> int:
   return total
 
 
-def _step(tx, model, loss, first_order: bool):
-  def step(params, state, x, y):
-    predict = lambda p: model.apply(p, x)
-    if first_order:
-      grads = jax.grad(lambda p: loss.value(predict(p), y))(params)
-      updates, state = tx.update(grads, state, params)
-    else:
-      updates, state = tx.update(None, state, params, predict_fn=predict, targets=y)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
 def measure(per_device_batch: int, repeats: int):
   model = MODEL
   loss = curvax.losses.get(LOSS)
@@ -106,7 +94,7 @@ def measure(per_device_batch: int, repeats: int):
       tx = make()
       p = jax.device_put(params, replicated)
       s = jax.device_put(tx.init(params), replicated)
-      step = jax.jit(_step(tx, model, loss, first_order=name == "sgd"))
+      step = training.make_step(model, tx, loss, second_order=name != "sgd")
       comm[n] = all_reduce_bytes(step.lower(p, s, x, y).compile().as_text())
       runs[n] = lambda step=step, p=p, s=s, x=x, y=y: step(p, s, x, y)[0]
     times = median_times({str(n): f for n, f in runs.items()}, repeats=repeats)

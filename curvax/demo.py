@@ -16,35 +16,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import curvax
-from curvax.problems import datasets, models
-
-
-def _optimisers(loss):
-  return {
-      # λ₀ = 1 rather than the paper's 10: see benchmarks/curveball_classifiers.py.
-      "curveball": curvax.curveball(loss, damping=1.0),
-      "adam": optax.adam(1e-3),
-      "sgd+momentum": optax.sgd(0.05, momentum=0.9),
-  }
-
-
-def _make_step(model, tx, loss):
-  @jax.jit
-  def step(params, opt_state, x, y):
-    predict = lambda p: model.apply(p, x)
-    if isinstance(opt_state, curvax.CurveBallState):
-      updates, opt_state = tx.update(None, opt_state, params, predict_fn=predict,
-                                     targets=y)
-      value = opt_state.loss
-    else:
-      value, grads = jax.value_and_grad(lambda p: loss.value(predict(p), y))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  return step
+from curvax.problems import datasets, models, training
 
 
 def _accuracy(model, params, data, batch_size=2000):
@@ -70,9 +44,9 @@ def run(epochs: int = 3, train_size: int = 20000, batch_size: int = 256, seed: i
   curves = {}
   print(f"{'optimiser':<14}{'epoch':>6}{'train loss':>12}{'test acc':>10}"
         f"{'GGN λmax':>11}{'seconds':>9}")
-  for name, tx in _optimisers(loss).items():
+  for name, tx in training.classifier_optimisers(loss, sgd_learning_rate=0.05).items():
     params, opt_state = init_params, tx.init(init_params)
-    step = _make_step(model, tx, loss)
+    step = training.make_step(model, tx, loss, second_order=name == "curveball")
     curves[name] = []
     for epoch in range(1, epochs + 1):
       start = time.perf_counter()

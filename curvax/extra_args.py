@@ -25,6 +25,18 @@ from curvax import cvp
 from curvax import losses as losses_lib
 
 
+def check_linearization(solver: str, linearization: cvp.Linearization,
+                        predict_fn: Optional[Callable], axis_name: Optional[str]) -> None:
+  """A passed-in linearisation excludes ``predict_fn`` and must share the solver's axis."""
+  if predict_fn is not None:
+    raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
+                     "not both.")
+  if linearization.axis_name != axis_name:
+    raise ValueError(
+        f"{solver}: the linearization was built with axis_name="
+        f"{linearization.axis_name!r} but the solver has axis_name={axis_name!r}.")
+
+
 def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
                        predict_fn: Optional[Callable] = None, targets=None,
                        linearization: Optional[cvp.Linearization] = None,
@@ -38,13 +50,7 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
     raise ValueError(f"{solver}: params are required: call "
                      "tx.update(updates, state, params, predict_fn=..., targets=...).")
   if linearization is not None:
-    if predict_fn is not None:
-      raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
-                       "not both.")
-    if linearization.axis_name != axis_name:
-      raise ValueError(
-          f"{solver}: the linearization was built with axis_name="
-          f"{linearization.axis_name!r} but the solver has axis_name={axis_name!r}.")
+    check_linearization(solver, linearization, predict_fn, axis_name)
     return linearization
   if predict_fn is None or targets is None:
     missing = [n for n, v in (("predict_fn", predict_fn), ("targets", targets))

@@ -94,13 +94,7 @@ class KFACState(NamedTuple):
 def _model_from(solver, predict_fn, targets, linearization, axis_name):
   """``(predict_fn, targets)`` from the extra arguments (see :mod:`curvax.extra_args`)."""
   if linearization is not None:
-    if predict_fn is not None:
-      raise ValueError(f"{solver}: pass either linearization= or predict_fn=/targets=, "
-                       "not both.")
-    if linearization.axis_name != axis_name:
-      raise ValueError(
-          f"{solver}: the linearization was built with axis_name="
-          f"{linearization.axis_name!r} but the solver has axis_name={axis_name!r}.")
+    extra_args_lib.check_linearization(solver, linearization, predict_fn, axis_name)
     # The capture needs its own forward pass; the linearisation supplies the model.
     return linearization.predict, linearization.targets
   if predict_fn is None or targets is None:

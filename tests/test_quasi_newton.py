@@ -169,28 +169,33 @@ def _solvers():
   }
 
 
+def _losses_with_line_search(problem, tx, steps):
+  """The training loss after each of ``steps`` jitted steps of a line-search chain."""
+  loss = curvax.losses.softmax_cross_entropy()
+  predict = problem.predict_fn()
+
+  @jax.jit
+  def step(params, state):
+    value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                               value_fn=curvax.objective(loss), predict_fn=predict,
+                               targets=problem.y)
+    return optax.apply_updates(params, updates), state
+
+  params, state = problem.params, tx.init(problem.params)
+  losses = [ref.mlp_loss(params, problem.x, problem.y)]
+  for _ in range(steps):
+    params, state = step(params, state)
+    losses.append(ref.mlp_loss(params, problem.x, problem.y))
+  return np.asarray(losses)
+
+
 @pytest.mark.parametrize("name", ["sqn", "lsr1", "hessian_free"])
 def test_backtracking_line_search_never_increases_the_loss(name):
   with jax.enable_x64(True):
-    problem = _logistic_regression()
-    loss = curvax.losses.softmax_cross_entropy()
-    value_fn = curvax.objective(loss)
     tx = optax.chain(_solvers()[name], optax.scale_by_backtracking_linesearch(
         max_backtracking_steps=30, slope_rtol=0.1))
-    predict = problem.predict_fn()
-
-    @jax.jit
-    def step(params, state):
-      value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
-      updates, state = tx.update(grad, state, params, value=value, grad=grad,
-                                 value_fn=value_fn, predict_fn=predict, targets=problem.y)
-      return optax.apply_updates(params, updates), state
-
-    params, state = problem.params, tx.init(problem.params)
-    losses = [ref.mlp_loss(params, problem.x, problem.y)]
-    for _ in range(12):
-      params, state = step(params, state)
-      losses.append(ref.mlp_loss(params, problem.x, problem.y))
+    losses = _losses_with_line_search(_logistic_regression(), tx, steps=12)
     assert np.all(np.diff(losses) <= 1e-12), losses
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -198,25 +203,9 @@ def test_backtracking_line_search_never_increases_the_loss(name):
 @pytest.mark.parametrize("name", ["lsr1", "hessian_free"])
 def test_zoom_line_search_composes(name):
   with jax.enable_x64(True):
-    problem = _logistic_regression(seed=1)
-    loss = curvax.losses.softmax_cross_entropy()
     tx = optax.chain(_solvers()[name],
                      optax.scale_by_zoom_linesearch(max_linesearch_steps=20))
-    predict = problem.predict_fn()
-
-    @jax.jit
-    def step(params, state):
-      value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
-      updates, state = tx.update(grad, state, params, value=value, grad=grad,
-                                 value_fn=curvax.objective(loss), predict_fn=predict,
-                                 targets=problem.y)
-      return optax.apply_updates(params, updates), state
-
-    params, state = problem.params, tx.init(problem.params)
-    losses = [ref.mlp_loss(params, problem.x, problem.y)]
-    for _ in range(10):
-      params, state = step(params, state)
-      losses.append(ref.mlp_loss(params, problem.x, problem.y))
+    losses = _losses_with_line_search(_logistic_regression(seed=1), tx, steps=10)
     assert np.all(np.isfinite(losses))
     assert np.all(np.diff(losses) <= 1e-12), losses
     assert losses[-1] < 0.75 * losses[0], losses
