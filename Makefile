@@ -2,8 +2,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA := .data
+# A separate environment for the kfac-jax comparison (kfac-jax 0.0.8 needs jax 0.9.0).
+KFAC_JAX_VENV := .venv-kfac-jax
+BENCH_ARGS ?=
 
-.PHONY: demo test data clean
+.PHONY: demo test data clean bench-kfac-jax
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +26,16 @@ demo: $(VENV)/.installed $(DATA)/.fetched
 test: $(VENV)/.installed $(DATA)/.fetched
 	$(PY) -m pytest tests
 
+$(KFAC_JAX_VENV)/.installed: benchmarks/requirements-kfac-jax.txt pyproject.toml
+	$(PYTHON) -m venv $(KFAC_JAX_VENV)
+	$(KFAC_JAX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KFAC_JAX_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-kfac-jax.txt
+	$(KFAC_JAX_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# curvax.kfac vs kfac_jax.Optimizer, one process (e.g. BENCH_ARGS="--cycles 2 --steps 20").
+bench-kfac-jax: $(KFAC_JAX_VENV)/.installed $(DATA)/.fetched
+	$(KFAC_JAX_VENV)/bin/python -m benchmarks.kfac_vs_kfac_jax $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DATA)
+	rm -rf $(VENV) $(DATA) $(KFAC_JAX_VENV)
