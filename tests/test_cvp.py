@@ -62,17 +62,21 @@ class Dense:
   def __init__(self, predict, params, loss, targets):
     flat, self.unravel = ravel_pytree(params)
     self.flat = flat
-    outputs = predict(params)
+    # One jitted program: the eager op-by-op jax.hessian of a Flax model is slower than
+    # compiling it.
+    (self.outputs, self.jacobian, self.ggn, self.hessian, self.grad,
+     self.fisher) = jax.jit(lambda w: self._matrices(predict, loss, targets, w))(flat)
+
+  def _matrices(self, predict, loss, targets, flat):
+    outputs = predict(self.unravel(flat))
     objective = lambda w: loss.value(predict(self.unravel(w)), targets)
-    self.jacobian = jax.jacobian(lambda w: predict(self.unravel(w)).reshape(-1))(flat)
+    jacobian = jax.jacobian(lambda w: predict(self.unravel(w)).reshape(-1))(flat)
     output_hessian = jax.hessian(loss.value)(outputs, targets).reshape(outputs.size, -1)
-    self.ggn = self.jacobian.T @ output_hessian @ self.jacobian
-    self.hessian = jax.hessian(objective)(flat)
-    self.grad = jax.grad(objective)(flat)
     per_example = jax.jacobian(
         lambda w: loss.per_example_values(predict(self.unravel(w)), targets))(flat)
-    self.fisher = per_example.T @ per_example / outputs.shape[0]
-    self.outputs = outputs
+    return (outputs, jacobian, jacobian.T @ output_hessian @ jacobian,
+            jax.hessian(objective)(flat), jax.grad(objective)(flat),
+            per_example.T @ per_example / outputs.shape[0])
 
   def vector(self, key):
     return self.unravel(jax.random.normal(key, self.flat.shape, self.flat.dtype))
