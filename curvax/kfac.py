@@ -24,15 +24,19 @@ eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One 
 6. every ``gamma_period`` steps the greedy γ rule (App. C.3.2): the inverses and the
    step are computed for each of ``{ω_γ γ, γ, γ/ω_γ}`` (``ω_γ = 0.95^{T_γ}``) and the
    ``γ`` whose ``δ*`` minimises the quadratic model ``f̂(δ*)`` — the full-GGN model of
-   step 4 — is kept with its inverses (two more J-products on those steps).
+   step 4 — is kept with its inverses (two more J-products on those steps). The rule
+   runs on the first step of every period (counts ``0, T_γ, 2T_γ, …``), which are
+   inverse-refresh steps when ``T_γ`` is a multiple of ``inverse_period``: the chosen
+   inverses are that step's refresh, so the rule adds two inverse sets, not three.
 
 ``η`` is an L2 regulariser ``(η/2)‖θ‖²`` added to the objective (App. C), 0 by default.
 The quadratic model of steps 4–6 is ``f̂(δ) = ∇fᵀδ + ½ δᵀ(G + (τ + η)I)δ``.
 
 Deviations and choices (see also the README):
 
-* the damped inverses (two Cholesky inversions per layer, App. C.1) are kept in the
-  state and refreshed every ``inverse_period`` steps and on γ-rule steps, as in KFAC;
+* the damped inverses (two positive-definite inversions per layer, App. C.1; see
+  :mod:`curvax.kron.inverse`) are kept in the state and refreshed every
+  ``inverse_period`` steps and on γ-rule steps, as in KFAC;
   Algorithm 1 refreshes them every step (``inverse_period=1``, the default);
 * the reduction ratio of eq. 42 uses the damped model ``G + (τ + η)I``, as written in
   App. C.3.1 (KFAC's §6.5 leaves ``τ`` out);
@@ -233,14 +237,16 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
         return (*candidate(gamma_value, inverse), inverse)
 
       # A Python loop, not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.
-      results = jax.tree.map(lambda *xs: jnp.stack(xs), *[one(g) for g in gammas])
-      best = jnp.argmin(results[4])
-      pick = lambda tree: jax.tree.map(lambda x: x[best], tree)
-      step, image, alpha, mu, value, inverse = pick(results)
+      results = [one(g) for g in gammas]
+      best = jnp.argmin(jnp.stack([r[4] for r in results]))
+      # A switch copies the chosen candidate only (stacking would copy all three sets
+      # of inverses and steps first).
+      step, image, alpha, mu, value, inverse = jax.lax.switch(
+          best, [lambda r=r: r for r in results])
       return step, image, alpha, mu, value, gammas[best], inverse
 
     if gamma_period:
-      due = (state.count + 1) % gamma_period == 0
+      due = state.count % gamma_period == 0  # with the inverse refreshes (see above)
       step, image, alpha, mu, value, new_gamma, inverse = jax.lax.cond(
           due, choose_gamma, keep_gamma)
     else:
@@ -250,7 +256,9 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     image = learning_rate * image
     new_tau, ratio = _tau_rule(state, lin, predict, targets, params, grad, step, image,
                                model_damping, tau_now)
-    finite = nonfinite.all_finite(lin.loss_value, step, factors, inverse, alpha, mu)
+    # The inverses need no check of their own: a non-finite entry makes the step
+    # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
+    finite = nonfinite.all_finite(lin.loss_value, step, factors, alpha, mu)
     new_state = KFACState(
         factors=factors, inverse=inverse, velocity=step if momentum else None,
         gamma=new_gamma.astype(jnp.float32), tau=new_tau.astype(jnp.float32),
@@ -305,7 +313,8 @@ _COMMON_ARGS = """
       (Algorithm 1: every step; Martens & Grosse use 20).
     tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed.
     tau_factor: ``ω_τ``; default ``0.95^{T_τ}``.
-    gamma_period: ``T_γ`` of the greedy γ rule (App. C.3.2: 20); 0 keeps ``γ`` fixed.
+    gamma_period: ``T_γ`` of the greedy γ rule (App. C.3.2: 20), applied on steps
+      ``0, T_γ, 2T_γ, …``; 0 keeps ``γ`` fixed.
     gamma_factor: ``ω_γ``; default ``0.95^{T_γ}``.
     min_damping, max_damping: bounds for ``γ`` and ``τ``.
     momentum: add KFAC's momentum ``μ δ_prev`` (Martens & Grosse §7) with ``(α, μ)``

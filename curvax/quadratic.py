@@ -59,15 +59,22 @@ def build(output_directions: Sequence[Array], directions: Sequence, *,
   output_vdot = output_vdot or (lambda a, b: jnp.sum(_wide(a) * _wide(b)))
   curved = [output_hvp(u) for u in output_directions]
   n = len(output_directions)
-  curvature = jnp.array([[output_vdot(output_directions[i], curved[j]) for j in range(n)]
-                         for i in range(n)])
   wide_directions = [jax.tree.map(_wide, d) for d in directions]
-  overlap = jnp.array([[optax.tree.vdot(wide_directions[i], wide_directions[j])
-                        for j in range(n)] for i in range(n)])
+  # Both matrices are symmetric: each entry above the diagonal is computed once (a pass
+  # over two parameter-sized pytrees saved per pair) and mirrored.
+  curvature = _symmetric(n, lambda i, j: output_vdot(output_directions[i], curved[j]))
+  overlap = _symmetric(n, lambda i, j: optax.tree.vdot(wide_directions[i],
+                                                       wide_directions[j]))
   linear = jnp.stack([jnp.asarray(d) for d in gradient_dots])
   dtype = jnp.result_type(curvature, overlap, linear, jnp.float32)
   curvature, overlap, linear = (a.astype(dtype) for a in (curvature, overlap, linear))
   return QuadraticModel(curvature, curvature + damping * overlap, linear)
+
+
+def _symmetric(n: int, entry: Callable[[int, int], Array]) -> Array:
+  """The symmetric ``n × n`` matrix with ``entry(i, j)`` for ``i <= j``."""
+  upper = {(i, j): entry(i, j) for i in range(n) for j in range(i, n)}
+  return jnp.array([[upper[min(i, j), max(i, j)] for j in range(n)] for i in range(n)])
 
 
 def _wide(a: Array) -> Array:

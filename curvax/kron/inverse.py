@@ -9,6 +9,13 @@ an appended row, row-major ``vec``) is ``(Q̃ + ω√k I)⁻¹ V (𝒢̃ + ω⁻
 ``(A ⊗ B)⁻¹ vec(V) = vec(A⁻¹ V B⁻¹)`` for symmetric ``A, B`` in this layout. As the
 paper notes, this needs two positive-definite solves per layer (Cholesky here) instead
 of the eigendecompositions the exact damped inverse would need.
+
+On CPU the inverse of a large factor is built by a blocked recursion on the Schur
+complement (:func:`blocked_spd_inverse`), Cholesky only on diagonal blocks of at most
+``_CHOLESKY_BLOCK`` rows: the work becomes matrix products, which XLA runs on all cores,
+instead of LAPACK triangular solves (one core, and erratic when OpenBLAS threads compete
+with XLA's); the result stays row-major, so the stored inverses are never transposed.
+Other platforms use one Cholesky factorisation.
 """
 
 from __future__ import annotations
@@ -22,10 +29,62 @@ from curvax import damping as damping_lib
 Array = jax.Array
 
 
+_CHOLESKY_BLOCK = 128
+
+
+def cholesky_inverse(matrix: Array) -> Array:
+  """``M⁻¹`` of a symmetric positive-definite ``M`` from its Cholesky factor.
+
+  LAPACK works on column-major arrays; for a symmetric ``M`` (and ``M⁻¹``) the
+  transposes below turn that layout into a relabelling of the row-major arrays instead
+  of a copy (and keep XLA from asking for the whole stored factor in column-major order).
+  """
+  factor = jsl.cho_factor(matrix.T, lower=True)
+  return jsl.cho_solve(factor, jnp.eye(matrix.shape[0], dtype=matrix.dtype)).T
+
+
+def blocked_spd_inverse(matrix: Array, *, block: int = _CHOLESKY_BLOCK) -> Array:
+  """``M⁻¹`` of a symmetric positive-definite ``M`` by recursive 2×2 blocking.
+
+  With ``M = [[A, B], [Bᵀ, C]]`` and the Schur complement ``S = C − Bᵀ A⁻¹ B`` (also
+  positive definite)::
+
+      M⁻¹ = [[A⁻¹ + A⁻¹B S⁻¹ BᵀA⁻¹,  −A⁻¹B S⁻¹],
+             [−S⁻¹ BᵀA⁻¹,            S⁻¹      ]]
+
+  — block Cholesky, algebraically. ``A⁻¹`` and ``S⁻¹`` recurse down to blocks of at most
+  ``block`` rows (:func:`cholesky_inverse`); the rest is ``≈ n³`` flops of matrix
+  products (a Cholesky solve against the identity costs ``≈ 7n³/3``). A matrix that is
+  not positive definite gives non-finite entries, as the Cholesky factorisation does.
+  """
+  n = matrix.shape[0]
+  if n <= block:
+    return cholesky_inverse(matrix)
+  k = min(n - 1, -(-n // 128) * 64)  # about half, a multiple of 64
+  a, b, c = matrix[:k, :k], matrix[:k, k:], matrix[k:, k:]
+  a_inv = blocked_spd_inverse(a, block=block)
+  a_inv_b = a_inv @ b
+  schur = c - b.T @ a_inv_b
+  s_inv = blocked_spd_inverse(0.5 * (schur + schur.T), block=block)
+  upper_right = -(a_inv_b @ s_inv)
+  upper_left = a_inv - upper_right @ a_inv_b.T
+  return jnp.concatenate([jnp.concatenate([upper_left, upper_right], axis=1),
+                          jnp.concatenate([upper_right.T, s_inv], axis=1)], axis=0)
+
+
 def spd_inverse(matrix: Array) -> Array:
-  """``M⁻¹`` of a symmetric positive-definite matrix by Cholesky."""
-  factor = jsl.cho_factor(0.5 * (matrix + matrix.T), lower=True)
-  return jsl.cho_solve(factor, jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+  """``M⁻¹`` of a symmetric positive-definite matrix.
+
+  Blocked Schur-complement recursion on CPU (:func:`blocked_spd_inverse`), one Cholesky
+  factorisation elsewhere. ``M`` is not symmetrised first (the Kronecker factors are
+  symmetric by construction, and the Cholesky factorisation reads one triangle): a
+  transpose here would make XLA copy every stored factor into a transposed layout on
+  every step, for a branch that runs only on inverse-refresh steps.
+  """
+  if matrix.shape[0] <= _CHOLESKY_BLOCK:
+    return cholesky_inverse(matrix)
+  return jax.lax.platform_dependent(matrix, cpu=blocked_spd_inverse,
+                                    default=cholesky_inverse)
 
 
 def factored_damping(q: Array, g: Array, damping: Array, *, q_dim: int,
