@@ -238,7 +238,11 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
 
       # A Python loop, not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.
       results = [one(g) for g in gammas]
-      best = jnp.argmin(jnp.stack([r[4] for r in results]))
+      values = jnp.stack([r[4] for r in results])
+      # A candidate whose inverse failed (not positive definite at the smallest γ in
+      # low precision) has a NaN model value, which argmin would pick: the batch would
+      # be skipped with the count unchanged, so the same rule would fail forever.
+      best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
       # A switch copies the chosen candidate only (stacking would copy all three sets
       # of inverses and steps first).
       step, image, alpha, mu, value, inverse = jax.lax.switch(

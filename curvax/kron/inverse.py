@@ -10,12 +10,12 @@ an appended row, row-major ``vec``) is ``(Q̃ + ω√k I)⁻¹ V (𝒢̃ + ω⁻
 paper notes, this needs two positive-definite solves per layer (Cholesky here) instead
 of the eigendecompositions the exact damped inverse would need.
 
-On CPU the inverse of a large factor is built by a blocked recursion on the Schur
-complement (:func:`blocked_spd_inverse`), Cholesky only on diagonal blocks of at most
-``_CHOLESKY_BLOCK`` rows: the work becomes matrix products, which XLA runs on all cores,
-instead of LAPACK triangular solves (one core, and erratic when OpenBLAS threads compete
-with XLA's); the result stays row-major, so the stored inverses are never transposed.
-Other platforms use one Cholesky factorisation.
+On CPU the inverse of a large factor is built from its Cholesky factor by blocked
+recursions (:func:`blocked_spd_inverse`, as LAPACK ``potri``): most of the work becomes
+matrix products, which XLA runs on all cores, instead of LAPACK triangular solves against
+the identity (one core, and erratic when OpenBLAS threads compete with XLA's); the result
+stays row-major, so the stored inverses are never transposed. Other platforms use a
+Cholesky solve.
 """
 
 from __future__ import annotations
@@ -43,40 +43,66 @@ def cholesky_inverse(matrix: Array) -> Array:
   return jsl.cho_solve(factor, jnp.eye(matrix.shape[0], dtype=matrix.dtype)).T
 
 
+def _split(n: int) -> int:
+  return min(n - 1, -(-n // 128) * 64)  # about half, a multiple of 64
+
+
+def _lower_triangular_inverse(lower: Array, block: int) -> Array:
+  """``L⁻¹`` of a lower-triangular ``L`` by 2×2 blocking (LAPACK ``trtri``'s recursion):
+  ``[[L₁₁, 0], [L₂₁, L₂₂]]⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``."""
+  n = lower.shape[0]
+  if n <= block:
+    return jax.lax.linalg.triangular_solve(lower, jnp.eye(n, dtype=lower.dtype),
+                                           left_side=True, lower=True)
+  k = _split(n)
+  y11 = _lower_triangular_inverse(lower[:k, :k], block)
+  y22 = _lower_triangular_inverse(lower[k:, k:], block)
+  y21 = -(y22 @ (lower[k:, :k] @ y11))
+  return jnp.concatenate([jnp.concatenate([y11, jnp.zeros((k, n - k), y11.dtype)], axis=1),
+                          jnp.concatenate([y21, y22], axis=1)], axis=0)
+
+
+def _lower_gram(y: Array, block: int) -> Array:
+  """``YᵀY`` for a lower-triangular ``Y`` (LAPACK ``lauum``'s recursion), skipping the
+  zero block."""
+  n = y.shape[0]
+  if n <= block:
+    return y.T @ y
+  k = _split(n)
+  y11, y21, y22 = y[:k, :k], y[k:, :k], y[k:, k:]
+  upper_left = _lower_gram(y11, block) + y21.T @ y21
+  upper_right = y21.T @ y22
+  return jnp.concatenate([jnp.concatenate([upper_left, upper_right], axis=1),
+                          jnp.concatenate([upper_right.T, _lower_gram(y22, block)], axis=1)],
+                         axis=0)
+
+
 def blocked_spd_inverse(matrix: Array, *, block: int = _CHOLESKY_BLOCK) -> Array:
-  """``M⁻¹`` of a symmetric positive-definite ``M`` by recursive 2×2 blocking.
+  """``M⁻¹ = L⁻ᵀL⁻¹`` of a symmetric positive-definite ``M = LLᵀ``, as LAPACK ``potri``.
 
-  With ``M = [[A, B], [Bᵀ, C]]`` and the Schur complement ``S = C − Bᵀ A⁻¹ B`` (also
-  positive definite)::
-
-      M⁻¹ = [[A⁻¹ + A⁻¹B S⁻¹ BᵀA⁻¹,  −A⁻¹B S⁻¹],
-             [−S⁻¹ BᵀA⁻¹,            S⁻¹      ]]
-
-  — block Cholesky, algebraically. ``A⁻¹`` and ``S⁻¹`` recurse down to blocks of at most
-  ``block`` rows (:func:`cholesky_inverse`); the rest is ``≈ n³`` flops of matrix
-  products (a Cholesky solve against the identity costs ``≈ 7n³/3``). A matrix that is
-  not positive definite gives non-finite entries, as the Cholesky factorisation does.
+  One Cholesky factorisation (``n³/3`` flops), then ``L⁻¹`` and ``L⁻ᵀL⁻¹`` by 2×2 block
+  recursions whose work (``≈ 4n³/3`` flops) is matrix products, down to triangular
+  solves on blocks of at most ``block`` rows. A Cholesky solve against the identity
+  instead spends ``2n³`` flops in triangular solves. The rounding is that of the
+  Cholesky-based inverse (it is the same factorisation); an inverse built on explicit
+  Schur complements ``C − BᵀA⁻¹B`` loses accuracy with ``κ(A)`` and fails on the nearly
+  singular factors of wide layers at small damping. A matrix that is not positive
+  definite gives non-finite entries.
   """
   n = matrix.shape[0]
   if n <= block:
     return cholesky_inverse(matrix)
-  k = min(n - 1, -(-n // 128) * 64)  # about half, a multiple of 64
-  a, b, c = matrix[:k, :k], matrix[:k, k:], matrix[k:, k:]
-  a_inv = blocked_spd_inverse(a, block=block)
-  a_inv_b = a_inv @ b
-  schur = c - b.T @ a_inv_b
-  s_inv = blocked_spd_inverse(0.5 * (schur + schur.T), block=block)
-  upper_right = -(a_inv_b @ s_inv)
-  upper_left = a_inv - upper_right @ a_inv_b.T
-  return jnp.concatenate([jnp.concatenate([upper_left, upper_right], axis=1),
-                          jnp.concatenate([upper_right.T, s_inv], axis=1)], axis=0)
+  # ``matrix`` is symmetric; factorising its transpose lets LAPACK's column-major
+  # layout be a relabelling of the row-major array rather than a copy.
+  lower = jax.lax.linalg.cholesky(matrix.T, symmetrize_input=False)
+  return _lower_gram(_lower_triangular_inverse(lower, block), block)
 
 
 def spd_inverse(matrix: Array) -> Array:
   """``M⁻¹`` of a symmetric positive-definite matrix.
 
-  Blocked Schur-complement recursion on CPU (:func:`blocked_spd_inverse`), one Cholesky
-  factorisation elsewhere. ``M`` is not symmetrised first (the Kronecker factors are
+  Cholesky factor and blocked recursions on CPU (:func:`blocked_spd_inverse`), a
+  Cholesky solve elsewhere. ``M`` is not symmetrised first (the Kronecker factors are
   symmetric by construction, and the Cholesky factorisation reads one triangle): a
   transpose here would make XLA copy every stored factor into a transposed layout on
   every step, for a branch that runs only on inverse-refresh steps.
