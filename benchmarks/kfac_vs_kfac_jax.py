@@ -2,31 +2,41 @@
 
     make bench-kfac-jax                       # builds .venv-kfac-jax, then runs this
     .venv-kfac-jax/bin/python -m benchmarks.kfac_vs_kfac_jax [--cycles 6] [--steps 100]
+    .venv-kfac-jax/bin/python -m benchmarks.kfac_vs_kfac_jax --damping-grid 1e-4,1e-3,1e-2,1e-1,1
 
 Hinton & Salakhutdinov's autoencoder 784-1000-500-250-30-250-500-1000-784 (sigmoid units,
 linear 30-unit code, Bernoulli outputs with binary cross-entropy,
 :class:`curvax.problems.models.Autoencoder`) on shipped MNIST, batch 1000. Both
 optimisers refresh their inverses every 5 steps and choose step size, momentum and
-damping adaptively:
+damping adaptively, from the same initial damping (``--damping``, 1e-3: kfac-jax's best
+of the grid 1e-4…1 after 100 steps):
 
-* ``curvax.kfac(loss, inverse_period=5, momentum=True)`` — Monte-Carlo Fisher factors
-  (one sampled backward pass), α and μ from the exact-GGN quadratic model (J-products of
-  both directions), τ Levenberg-Marquardt rule every 5 steps (one extra forward), greedy
-  γ rule every 20 steps (three inverse sets), Cholesky inverses;
+* ``curvax.kfac(loss, inverse_period=5, momentum=True, gamma=d, tau=d)`` — Monte-Carlo
+  Fisher factors (one sampled backward pass), α and μ from the exact-GGN quadratic model
+  (J-products of both directions), τ Levenberg-Marquardt rule every 5 steps (one extra
+  forward), greedy γ rule every 20 steps (two extra inverse sets, preconditionings and
+  J-products), inverses from Cholesky factors;
 * ``kfac_jax.Optimizer(use_adaptive_learning_rate=True, use_adaptive_momentum=True,
-  use_adaptive_damping=True, inverse_update_period=5, estimation_mode="fisher_gradients",
-  num_burnin_steps=0)`` — the same sampled-gradient Fisher, its own exact quadratic model
-  for α and μ, LM damping every 5 steps (one extra forward), LU inverses.
+  use_adaptive_damping=True, initial_damping=d, inverse_update_period=5,
+  estimation_mode="fisher_gradients", num_burnin_steps=0)`` — the same sampled-gradient
+  Fisher, its own exact quadratic model for α and μ, one damping λ for curvature and model
+  adapted by the LM rule every 5 steps (one extra forward), LU inverses.
+
+Per step both do the same matrix products (one forward pass, the gradient's backward
+pass, the sampled backward pass, the 16 factor products, the preconditioning, two
+J-products); they differ in the periodic work (inverses, γ rule).
 
 Timing: every candidate advances its own run over the same batches in units of
 ``--unit`` consecutive steps (default 20 = the least common multiple of every periodic
 rule above, i.e. four whole inverse cycles), candidates in alternation (round-robin), and
 the median unit over ``--cycles`` rounds gives the mean step time. Ratios are printed as
-JSON lines: curvax/kfac-jax, each against an optax SGD step, and curvax KFAC, KFRA and
-KFLR against an optax Adam step (KFLR pulls back one column per output — 784 here — so it
-is timed over ``--kflr-steps`` single steps outside the round-robin). Then both
-optimisers train from the same initialisation on the same batches for ``--steps``
-steps and the loss on a fixed set of training images is compared.
+JSON lines: curvax/kfac-jax, each against an optax SGD step, curvax without its γ rule
+(``gamma_period=0``, the like-for-like cost of kfac-jax's single damping), and curvax
+KFAC, KFRA and KFLR against an optax Adam step (KFLR pulls back one column per output —
+784 here — so it is timed over ``--kflr-steps`` single steps outside the round-robin).
+Then both optimisers train from the same initialisation on the same batches for
+``--steps`` steps and the loss on a fixed set of training images is compared.
+``--damping-grid`` runs only that comparison, once per initial damping.
 
 kfac-jax 0.0.8 fails on jax 0.10 (its layer tagger uses a changed jax internal), so this
 runs in a separate environment pinned in ``benchmarks/requirements-kfac-jax.txt`` (jax
@@ -37,7 +47,7 @@ OpenBLAS: jaxlib's CPU Cholesky/LU/triangular solves call the LAPACK bundled wit
 and on a 2-core machine an inverse set can take 30× longer, erratically (both libraries'
 inverses are hit). This script therefore sets ``OPENBLAS_NUM_THREADS=1`` unless it is
 already set (``--openblas-threads`` overrides); the value used is recorded.
-Writes ``benchmarks/results/kfac_vs_kfac_jax.json``.
+Writes ``benchmarks/results/kfac_vs_kfac_jax.json`` (``..._damping_grid.json``).
 """
 
 from __future__ import annotations
@@ -207,6 +217,47 @@ def emit(rows, name, value, **extra):
   rows.append(row)
 
 
+def build_runners(model, loss, params0, batches, with_kfac_jax, damping):
+  """The optimisers, curvax's γ and τ and kfac-jax's λ all starting at ``damping``."""
+  curvax_kwargs = dict(inverse_period=INVERSE_PERIOD, momentum=True, gamma=damping,
+                       tau=damping, min_damping=min(1e-8, damping))
+  runners = {
+      "curvax.kfac": curvax_runner("curvax.kfac", model, curvax.kfac(loss, **curvax_kwargs),
+                                   params0, batches),
+      "curvax.kfac[no γ rule]": curvax_runner(
+          "curvax.kfac[no γ rule]", model,
+          curvax.kfac(loss, gamma_period=0, **curvax_kwargs), params0, batches),
+      "sgd": sgd_like("sgd", model, loss, optax.sgd(0.01, momentum=0.9), params0, batches),
+      "adam": sgd_like("adam", model, loss, optax.adam(1e-3), params0, batches),
+      "curvax.kfra": curvax_runner(
+          "curvax.kfra", model,
+          curvax.kfra(loss, activations=kron.chain_activations(model), **curvax_kwargs),
+          params0, batches),
+  }
+  if with_kfac_jax:
+    runners["kfac_jax"] = kfac_jax_runner("kfac_jax", model, loss, params0, batches,
+                                          initial_damping=damping)
+  return runners, curvax_kwargs
+
+
+def damping_grid(args, model, loss, params0, batches, probe_loss, config):
+  """Loss after ``--steps`` steps of both optimisers for each initial damping."""
+  rows = []
+  for damping in (float(d) for d in args.damping_grid.split(",")):
+    runners, _ = build_runners(model, loss, params0, batches, True, damping)
+    curves = train_losses([runners["curvax.kfac"], runners["kfac_jax"]], probe_loss,
+                          steps=args.steps, eval_every=args.eval_every)
+    row = {"damping": damping, "steps": args.steps,
+           "curvax.kfac": curves["curvax.kfac"]["loss"][-1],
+           "kfac_jax": curves["kfac_jax"]["loss"][-1],
+           "curves": {name: c["loss"] for name, c in curves.items()}}
+    print(json.dumps({k: v for k, v in row.items() if k != "curves"}), flush=True)
+    rows.append(row)
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / "kfac_vs_kfac_jax_damping_grid.json").write_text(
+      json.dumps({"config": config, "grid": rows}, indent=1))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cycles", type=int, default=6,
@@ -221,8 +272,13 @@ def main(argv=None):
                       help="timed KFLR steps (slow: one pullback per output); 0 skips")
   parser.add_argument("--batch-size", type=int, default=1000)
   parser.add_argument("--probe-size", type=int, default=10000)
-  parser.add_argument("--kfac-jax-damping", type=float, default=1.0,
-                      help="kfac_jax initial_damping (adapted from there)")
+  parser.add_argument("--damping", type=float, default=1e-3,
+                      help="initial damping of both: curvax's γ and τ, kfac_jax's "
+                           "initial_damping (1e-3: kfac_jax's best on the grid below)")
+  parser.add_argument("--damping-grid", default=None,
+                      help="comma-separated initial dampings: only compare the losses "
+                           "after --steps steps for each (e.g. 1e-4,1e-3,1e-2,1e-1,1); "
+                           "writes kfac_vs_kfac_jax_damping_grid.json")
   parser.add_argument("--openblas-threads", default=None,
                       help="OPENBLAS_NUM_THREADS for jaxlib's LAPACK calls (default 1)")
   parser.add_argument("--no-kfac-jax", action="store_true",
@@ -235,6 +291,8 @@ def main(argv=None):
     sys.exit("kfac_jax is not installed here: run `make bench-kfac-jax` (it builds "
              ".venv-kfac-jax from benchmarks/requirements-kfac-jax.txt), or pass "
              "--no-kfac-jax.")
+  if args.damping_grid and not with_kfac_jax:
+    parser.error("--damping-grid compares with kfac_jax")
 
   train = datasets.load_mnist("train")
   pixels = train.inputs.reshape(train.size, -1)
@@ -248,54 +306,49 @@ def main(argv=None):
   params0 = model.init(jax.random.PRNGKey(0), pixels[:1])
   probe_loss = jax.jit(lambda p: loss.value(model.apply(p, probe), probe))
 
-  kfac_tx = curvax.kfac(loss, inverse_period=INVERSE_PERIOD, momentum=True)
-  runners = {
-      "curvax.kfac": curvax_runner("curvax.kfac", model, kfac_tx, params0, batches),
-      "sgd": sgd_like("sgd", model, loss, optax.sgd(0.01, momentum=0.9), params0, batches),
-      "adam": sgd_like("adam", model, loss, optax.adam(1e-3), params0, batches),
-      "curvax.kfra": curvax_runner(
-          "curvax.kfra", model,
-          curvax.kfra(loss, activations=kron.chain_activations(model),
-                      inverse_period=INVERSE_PERIOD, momentum=True), params0, batches),
-  }
-  if with_kfac_jax:
-    runners["kfac_jax"] = kfac_jax_runner("kfac_jax", model, loss, params0, batches,
-                                          initial_damping=args.kfac_jax_damping)
+  runners, curvax_kwargs = build_runners(model, loss, params0, batches, with_kfac_jax,
+                                         args.damping)
   config = {
       "architecture": "784-1000-500-250-30-250-500-1000-784 (sigmoid, linear code)",
       "batch_size": args.batch_size, "inverse_period": INVERSE_PERIOD,
       "unit_steps": args.unit, "cycles": args.cycles, "steps": args.steps,
+      "probe": f"BCE per image on the first {args.probe_size} training images",
       "jax": jax.__version__, "optax": optax.__version__,
       "kfac_jax": getattr(kfac_jax, "__version__", None) if with_kfac_jax else None,
       "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
       "python": platform.python_version(),
       "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-      "curvax": "curvax.kfac(loss, inverse_period=5, momentum=True) (defaults otherwise: "
-                "factor_decay 0.9, tau/gamma 1e-2, tau_period 5, gamma_period 20)",
+      "initial_damping": "each grid row's" if args.damping_grid else args.damping,
+      "curvax": ("curvax.kfac(loss, " + ", ".join(
+          f"{k}={'d' if args.damping_grid and k in ('gamma', 'tau') else v}"
+          for k, v in curvax_kwargs.items())
+          + ") (defaults otherwise: factor_decay 0.9, tau_period 5, gamma_period 20); "
+          "the same settings for curvax.kfra and curvax.kflr"),
       "kfac_jax_optimizer": (
-          f"adaptive lr/momentum/damping, initial_damping={args.kfac_jax_damping}, "
+          "adaptive lr/momentum/damping, initial_damping="
+          f"{'d' if args.damping_grid else args.damping}, "
           "inverse_update_period=5, damping_adaptation_interval=5, "
           "estimation_mode='fisher_gradients', num_burnin_steps=0 (defaults otherwise: "
           "curvature_ema 0.95, LU inverses)") if with_kfac_jax else None,
       "sgd": "optax.sgd(0.01, momentum=0.9)", "adam": "optax.adam(1e-3)",
   }
   print(json.dumps({"config": config}), flush=True)
+  if args.damping_grid:
+    damping_grid(args, model, loss, params0, batches, probe_loss, config)
+    return
 
   # ---- timing: whole inverse cycles, round-robin.
-  timed = [runners[n] for n in ("curvax.kfac", "kfac_jax", "sgd", "adam", "curvax.kfra")
-           if n in runners]
+  timed = [runners[n] for n in ("curvax.kfac", "kfac_jax", "sgd", "adam",
+                                "curvax.kfac[no γ rule]", "curvax.kfra") if n in runners]
   samples = time_units(timed, unit=args.unit, rounds=args.cycles)
   per_step = {name: statistics.median(s) for name, s in samples.items()}
-  kflr_seconds = None
   if args.kflr_steps > 0:
-    kflr = curvax_runner("curvax.kflr", model,
-                         curvax.kflr(loss, inverse_period=INVERSE_PERIOD, momentum=True),
+    kflr = curvax_runner("curvax.kflr", model, curvax.kflr(loss, **curvax_kwargs),
                          params0, batches)
     block(kflr.advance(1))  # compile + the first (inverse) step
     start = time.perf_counter()
     block(kflr.advance(args.kflr_steps))
-    kflr_seconds = (time.perf_counter() - start) / args.kflr_steps
-    per_step["curvax.kflr"] = kflr_seconds
+    per_step["curvax.kflr"] = (time.perf_counter() - start) / args.kflr_steps
     del kflr
 
   rows = []
@@ -306,6 +359,11 @@ def main(argv=None):
        goal=GOALS["curvax.kfac/sgd"])
   if with_kfac_jax:
     emit(rows, "kfac_jax/sgd", per_step["kfac_jax"] / per_step["sgd"])
+    emit(rows, "curvax.kfac[no γ rule]/kfac_jax",
+         per_step["curvax.kfac[no γ rule]"] / per_step["kfac_jax"],
+         note="kfac_jax has no γ rule: one LM-adapted damping for curvature and model")
+  emit(rows, "curvax.kfac[no γ rule]/sgd",
+       per_step["curvax.kfac[no γ rule]"] / per_step["sgd"])
   for name in ("curvax.kfac", "curvax.kfra", "curvax.kflr"):
     if name in per_step:
       note = ({"note": f"mean of {args.kflr_steps} single steps after the first, not "
