@@ -52,6 +52,20 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
   if linearization is not None:
     check_linearization(solver, linearization, predict_fn, axis_name)
     return linearization
+  predict_fn, targets = model_from(solver, predict_fn=predict_fn, targets=targets)
+  return cvp.linearize(predict_fn, params, loss=loss, targets=targets,
+                       axis_name=axis_name)
+
+
+def model_from(solver: str, *, predict_fn: Optional[Callable] = None, targets=None,
+               linearization: Optional[cvp.Linearization] = None,
+               axis_name: Optional[str] = None) -> tuple[Callable, Any]:
+  """``(predict_fn, targets)`` from the extra arguments, or from a passed-in
+  linearisation (for solvers that run the network themselves, e.g. the Kronecker
+  family's layer capture)."""
+  if linearization is not None:
+    check_linearization(solver, linearization, predict_fn, axis_name)
+    return linearization.predict, linearization.targets
   if predict_fn is None or targets is None:
     missing = [n for n, v in (("predict_fn", predict_fn), ("targets", targets))
                if v is None]
@@ -62,8 +76,7 @@ def linearization_from(solver: str, loss: losses_lib.Loss, params, *,
   if not callable(predict_fn):
     raise TypeError(f"{solver}: predict_fn must be callable params -> outputs, got "
                     f"{type(predict_fn).__name__}.")
-  return cvp.linearize(predict_fn, params, loss=loss, targets=targets,
-                       axis_name=axis_name)
+  return predict_fn, targets
 
 
 def given_gradient(updates):

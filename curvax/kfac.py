@@ -95,24 +95,6 @@ class KFACState(NamedTuple):
   num_skipped: jax.Array
 
 
-def _model_from(solver, predict_fn, targets, linearization, axis_name):
-  """``(predict_fn, targets)`` from the extra arguments (see :mod:`curvax.extra_args`)."""
-  if linearization is not None:
-    extra_args_lib.check_linearization(solver, linearization, predict_fn, axis_name)
-    # The capture needs its own forward pass; the linearisation supplies the model.
-    return linearization.predict, linearization.targets
-  if predict_fn is None or targets is None:
-    missing = [n for n, v in (("predict_fn", predict_fn), ("targets", targets))
-               if v is None]
-    raise ValueError(
-        f"{solver}: missing extra argument(s) {missing}: call tx.update(updates, state, "
-        "params, predict_fn=lambda p: model.apply(p, x), targets=y).")
-  if not callable(predict_fn):
-    raise TypeError(f"{solver}: predict_fn must be callable params -> outputs, got "
-                    f"{type(predict_fn).__name__}.")
-  return predict_fn, targets
-
-
 def kronecker_factored(loss: "losses_lib.Loss | str",
                        estimator: Callable[[kron.Capture, jax.Array], kron.Estimate], *,
                        name: str = "kronecker_factored", learning_rate: float = 1.0,
@@ -174,7 +156,10 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     if params is None:
       raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
                        "params, predict_fn=..., targets=...).")
-    predict, targets = _model_from(name, predict_fn, targets, linearization, axis_name)
+    # The capture runs the network itself; a passed-in linearisation supplies the model.
+    predict, targets = extra_args_lib.model_from(
+        name, predict_fn=predict_fn, targets=targets, linearization=linearization,
+        axis_name=axis_name)
     cap = kron.capture(predict, params, loss=loss, targets=targets,
                        max_factor_dim=max_factor_dim, solver=name, axis_name=axis_name)
     lin = cap.lin

@@ -29,6 +29,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from curvax._sharding import explicit_spec
+
 Array = jax.Array
 
 
@@ -38,7 +40,7 @@ def _sharded_like_batch(x: Array, outputs: Array) -> Array:
   Under an explicit mesh ``jax.vmap`` needs every mapped input sharded the same way; this
   is a no-op otherwise.
   """
-  spec = getattr(getattr(jax.typeof(outputs), "sharding", None), "spec", ())
+  spec = explicit_spec(outputs)
   if not spec or spec[0] is None:
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(spec[0]))

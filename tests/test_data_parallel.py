@@ -159,13 +159,18 @@ def test_solver_under_shard_map_equals_the_global_batch_run(name):
   params, x, y = _batches()
   steps = NUM_STEPS.get(name, STEPS)
   expected = jax.jit(_train(SOLVERS[name](None), steps))(params, x, y)
+  _assert_close(_train_under_shard_map(SOLVERS[name](AXIS), steps, params, x, y), expected)
+
+
+def _train_under_shard_map(tx, steps, params, x, y):
+  """``_train`` with each step's batch split over the 8 devices; results replicated."""
   mesh = _mesh()
   in_specs = (P(), P(None, AXIS), P(None, AXIS))
-  mapped = jax.jit(jax.shard_map(_train(SOLVERS[name](AXIS), steps), mesh=mesh,
-                                 in_specs=in_specs, out_specs=P()))
+  mapped = jax.jit(jax.shard_map(_train(tx, steps), mesh=mesh, in_specs=in_specs,
+                                 out_specs=P()))
   placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
             for a, s in zip((params, x, y), in_specs)]
-  _assert_close(mapped(*placed), expected)
+  return mapped(*placed)
 
 
 # Under jit the program is the global one, so KFAC's sampled targets match too.
@@ -203,12 +208,6 @@ def test_kfac_under_shard_map_averages_its_factors_over_the_axis():
   params, x, y = _batches()
   make = lambda axis: curvax.kfac("softmax_cross_entropy", axis_name=axis)
   _, expected = jax.jit(_train(make(None), 1))(params, x, y)
-  mesh = _mesh()
-  in_specs = (P(), P(None, AXIS), P(None, AXIS))
-  mapped = jax.jit(jax.shard_map(_train(make(AXIS), 1), mesh=mesh, in_specs=in_specs,
-                                 out_specs=P()))
-  placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
-            for a, s in zip((params, x, y), in_specs)]
-  got_params, got = mapped(*placed)
+  got_params, got = _train_under_shard_map(make(AXIS), 1, params, x, y)
   _assert_close((got.factors.q, got.loss), (expected.factors.q, expected.loss))
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(got_params))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvax._sharding import explicit_spec
 from curvax.kron.capture import Capture
 
 Array = jax.Array
@@ -65,8 +66,7 @@ def row_gram(a: Array) -> Array:
   sharded, and JAX asks for the sharding of a product that contracts them: the factor is
   replicated.
   """
-  spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", ())
-  if any(axis is not None for axis in spec):
+  if any(axis is not None for axis in explicit_spec(a)):
     return jnp.matmul(a.T, a, out_sharding=jax.sharding.PartitionSpec())
   return a.T @ a
 

@@ -127,9 +127,14 @@ def damped_inverses(q: Array, g: Array, damping: Array, *, q_dim: int,
                     g_dim: int) -> tuple[Array, Array]:
   """``((Q̃ + ω√k I)⁻¹, (𝒢̃ + ω⁻¹√k I)⁻¹)`` with ``k = damping`` (eq. 36–38)."""
   q_damping, g_damping = factored_damping(q, g, damping, q_dim=q_dim, g_dim=g_dim)
-  eye = lambda m: jnp.eye(m.shape[0], dtype=m.dtype)
-  return (spd_inverse(q + q_damping.astype(q.dtype) * eye(q)),
-          spd_inverse(g + g_damping.astype(g.dtype) * eye(g)))
+  return (spd_inverse(_add_to_diagonal(q, q_damping)),
+          spd_inverse(_add_to_diagonal(g, g_damping)))
+
+
+def _add_to_diagonal(matrix: Array, value: Array) -> Array:
+  """``M + value·I`` in ``M``'s dtype."""
+  return matrix + jnp.asarray(value, matrix.dtype) * jnp.eye(matrix.shape[0],
+                                                             dtype=matrix.dtype)
 
 
 def damped_kron_inverse(q: Array, g: Array, v: Array, q_damping: Array,
@@ -139,8 +144,8 @@ def damped_kron_inverse(q: Array, g: Array, v: Array, q_damping: Array,
   In vectorised form: ``((Q + q_damping I) ⊗ (𝒢 + g_damping I))⁻¹ vec(V)`` with
   row-major ``vec``.
   """
-  eye = lambda m: jnp.eye(m.shape[0], dtype=m.dtype)
-  return spd_inverse(q + q_damping * eye(q)) @ v @ spd_inverse(g + g_damping * eye(g))
+  return (spd_inverse(_add_to_diagonal(q, q_damping)) @ v
+          @ spd_inverse(_add_to_diagonal(g, g_damping)))
 
 
 def factored_inverse(q: Array, g: Array, v: Array, damping: Array, *, q_dim: int,
