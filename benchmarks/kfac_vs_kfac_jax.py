@@ -70,6 +70,7 @@ if __name__ == "__main__":
   os.environ["OPENBLAS_NUM_THREADS"] = _openblas_threads(sys.argv[1:])
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
@@ -119,29 +120,36 @@ class Runner:
     return self.params
 
 
+def _fresh(params0, params):
+  """A private copy of the starting parameters: every step donates its inputs."""
+  return jax.tree.map(jnp.copy, params0 if params is None else params)
+
+
+# Every runner's step donates its parameters and optimiser state (as kfac-jax's does):
+# a training loop's step updates them in place instead of copying every buffer.
 def sgd_like(name, model, loss, tx, params0, batches):
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, x):
     value, grads = jax.value_and_grad(lambda p: loss.value(model.apply(p, x), x))(params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, value
 
   def init(params):
-    params = params0 if params is None else params
+    params = _fresh(params0, params)
     return params, tx.init(params)
 
   return Runner(name, init, lambda p, s, x, i: step(p, s, x), batches)
 
 
 def curvax_runner(name, model, tx, params0, batches):
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, x):
     updates, state = tx.update(None, state, params,
                                predict_fn=lambda p: model.apply(p, x), targets=x)
     return optax.apply_updates(params, updates), state, state.loss
 
   def init(params):
-    params = params0 if params is None else params
+    params = _fresh(params0, params)
     return params, tx.init(params)
 
   return Runner(name, init, lambda p, s, x, i: step(p, s, x), batches)
@@ -162,8 +170,7 @@ def kfac_jax_runner(name, model, loss, params0, batches, *, initial_damping, see
   key = jax.random.PRNGKey(seed)
 
   def init(params):
-    params = params0 if params is None else params
-    params = jax.tree.map(jnp.copy, params)  # kfac-jax donates params to its step.
+    params = _fresh(params0, params)
     return params, optimizer.init(params, key, batches[0])
 
   def step(params, state, x, index):

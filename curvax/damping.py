@@ -4,7 +4,8 @@
   eq. 36 with the trace-norm ``ω`` of eq. 38;
 * :func:`tau_rule` — the Levenberg-Marquardt rule for ``τ`` (App. C.3.1), the
   ``lower = upper = 0.75`` case of :func:`curvax.quadratic.levenberg_marquardt`;
-* :func:`gamma_candidates` — ``{ω_γ γ, γ, γ/ω_γ}`` of the greedy γ rule (App. C.3.2);
+* :func:`gamma_candidates` — ``{ω_γ γ, γ, γ/ω_γ}`` of the greedy γ rule (App. C.3.2),
+  and :func:`best_candidate` — the one whose step has the lowest finite model value;
 * :func:`period_factor` — ``0.95^T``, the paper's ``ω_τ`` and ``ω_γ``.
 """
 
@@ -47,6 +48,17 @@ def gamma_candidates(gamma: Array, factor: Array, *, min_gamma: float = 0.0,
                      max_gamma: float = jnp.inf) -> Array:
   """``[ω_γ γ, γ, γ/ω_γ]`` clipped to the bounds (App. C.3.2, ``ω_γ < 1``)."""
   return jnp.clip(jnp.stack([gamma * factor, gamma, gamma / factor]), min_gamma, max_gamma)
+
+
+def best_candidate(values: Array) -> Array:
+  """Index of the lowest finite value (App. C.3.2's greedy choice).
+
+  A candidate whose inverse failed (not positive definite at the smallest γ in low
+  precision) has a NaN model value, which a plain ``argmin`` would pick: its batch would
+  be skipped with the count unchanged, so the same choice would fail on every later
+  batch. If no value is finite the first index is returned (and the step is skipped).
+  """
+  return jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
 
 
 def period_factor(period: int, base: float = 0.95) -> float:

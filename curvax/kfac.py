@@ -80,7 +80,9 @@ class KFACState(NamedTuple):
     alpha, mu: the coefficients of ``δ̃`` and ``δ_prev`` in the last step.
     reduction_ratio: the last ``ρ`` of the τ rule (NaN before the first).
     num_skipped: batches whose loss, factors or step were not finite; such a batch
-      leaves parameters and every other field unchanged.
+      leaves parameters and every other field unchanged, except that on an
+      inverse-refresh step the freshly computed inverses may stay (the count does not
+      advance, so the next step computes them again before they are used).
   """
   factors: kron_state.Factors
   inverse: kron_state.Inverse
@@ -172,8 +174,11 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     # Factors: this batch's estimate and the moving averages.
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
     estimate = estimator(cap, key)
+    # A non-finite batch leaves the factors as they were (decided inside the averaging
+    # pass, so the final guard need not select over them again).
+    accept = jnp.isfinite(lin.loss_value) & kron_state.estimate_finite(estimate)
     factors = kron_state.update(state.factors, estimate, cap, decay=factor_decay,
-                                first=state.count == 0)
+                                first=state.count == 0, accept=accept)
     invert = lambda gamma_value: kron_state.invert(factors, state.inverse, cap,
                                                    gamma_value + weight_decay)
 
@@ -223,11 +228,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
 
       # A Python loop, not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.
       results = [one(g) for g in gammas]
-      values = jnp.stack([r[4] for r in results])
-      # A candidate whose inverse failed (not positive definite at the smallest γ in
-      # low precision) has a NaN model value, which argmin would pick: the batch would
-      # be skipped with the count unchanged, so the same rule would fail forever.
-      best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
+      best = damping_lib.best_candidate(jnp.stack([r[4] for r in results]))
       # A switch copies the chosen candidate only (stacking would copy all three sets
       # of inverses and steps first).
       step, image, alpha, mu, value, inverse = jax.lax.switch(
@@ -247,14 +248,19 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                                model_damping, tau_now)
     # The inverses need no check of their own: a non-finite entry makes the step
     # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
-    finite = nonfinite.all_finite(lin.loss_value, step, factors, alpha, mu)
+    finite = accept & nonfinite.all_finite(step, alpha, mu)
     new_state = KFACState(
         factors=factors, inverse=inverse, velocity=step if momentum else None,
         gamma=new_gamma.astype(jnp.float32), tau=new_tau.astype(jnp.float32),
         count=state.count + 1, loss=lin.loss_value.astype(jnp.float32),
         alpha=alpha.astype(jnp.float32), mu=mu.astype(jnp.float32),
         reduction_ratio=ratio.astype(jnp.float32), num_skipped=state.num_skipped)
-    return nonfinite.guard(finite, step, new_state, state)
+    # Neither the factors (gated above) nor the inverses need the guard's select: a
+    # skipped batch leaves the count unchanged, so the next step refreshes the inverses
+    # (and reruns the γ rule) before they are used again; stored inverses are only
+    # read after the refresh step that wrote them was taken.
+    return nonfinite.guard(finite, step, new_state, state,
+                           unguarded=("factors", "inverse"))
 
   def _objective(value, params):
     if not weight_decay:

@@ -159,6 +159,16 @@ def test_gamma_rule_keeps_the_candidate_with_the_lowest_model_value():
       np.testing.assert_allclose(_flat(updates), results[best][0], rtol=1e-7, atol=1e-12)
 
 
+def test_gamma_rule_never_picks_a_candidate_with_a_non_finite_model_value():
+  """A failed inverse gives a NaN model value; argmin alone would pick it (NaN compares
+  as the minimum) and every later batch would be skipped on the same choice."""
+  from curvax import damping
+  for values, best in (([np.nan, 2.0, 1.0], 2), ([1.0, np.nan, 3.0], 0),
+                       ([np.inf, -np.inf, 0.5], 2), ([3.0, 2.0, 1.0], 2)):
+    assert int(damping.best_candidate(jnp.asarray(values))) == best
+    assert int(jnp.argmin(jnp.asarray(values))) != best or np.isfinite(values).all()
+
+
 def test_momentum_step_solves_the_two_by_two_model():
   """KFAC §7: δ = α δ̃ + μ δ_prev with (α, μ) = −M⁻¹ b on the full-GGN model."""
   with jax.enable_x64(True):
@@ -241,10 +251,19 @@ def test_trains_without_retracing_and_skips_non_finite_batches(name):
   assert np.isfinite(float(state.reduction_ratio))
 
   bad = x[:16].at[3].set(jnp.nan)
+  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  # Count 12 is an inverse-refresh (and γ-rule) step: a skipped batch may leave
+  # refreshed inverses behind, which the retried refresh at the same count replaces.
   new_params, new_state = step(params, state, bad, y[:16])
   assert len(traces) == 1
   assert int(new_state.num_skipped) == 1
-  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex_equal(new_params, params)
+  chex_equal(new_state._replace(num_skipped=state.num_skipped, inverse=state.inverse),
+             state)
+  # Count 13 reads the stored inverses: a skipped batch leaves everything unchanged.
+  params, state = step(params, state, x[:16], y[:16])
+  new_params, new_state = step(params, state, bad, y[:16])
+  assert int(state.count) == 13 and int(new_state.num_skipped) == 1
   chex_equal(new_params, params)
   chex_equal(new_state._replace(num_skipped=state.num_skipped), state)
 

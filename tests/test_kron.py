@@ -311,6 +311,32 @@ def test_damped_kron_inverse_matches_dense_solve():
                                rtol=1e-10)
 
 
+@pytest.mark.parametrize("n", [7, 400, 777, 1001])
+def test_row_gram_is_the_gram_matrix_for_any_panel_count(n):
+  """The panelled Gram product (upper blocks only; 1, 2, 3 and 4 panels here) is aᵀa."""
+  from curvax.kron import factors
+  with jax.enable_x64(True):
+    a = np.random.default_rng(n).normal(size=(9, n))
+    got = np.asarray(jax.jit(factors.row_gram)(jnp.asarray(a)))
+    expected = a.T @ a
+    np.testing.assert_allclose(got, expected, rtol=1e-12,
+                               atol=1e-12 * np.abs(expected).max())
+
+
+def test_estimate_finite_sees_a_non_finite_row_on_the_diagonals():
+  """One NaN or infinite entry in the rows of a factor reaches its diagonal (and a
+  finite batch passes), so the diagonals stand for the whole estimate."""
+  from curvax.kron import factors, state
+  a = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+  estimate = lambda rows: factors.Estimate(q=(factors.row_gram(jnp.asarray(rows)),),
+                                           g=(jnp.eye(2),), diag=None)
+  assert bool(state.estimate_finite(estimate(a)))
+  for bad in (np.nan, np.inf, -np.inf):
+    rows = a.copy()
+    rows[4, 2] = bad
+    assert not bool(state.estimate_finite(estimate(rows)))
+
+
 @pytest.mark.parametrize("n", [129, 300, 700])
 def test_blocked_spd_inverse_matches_dense_inverse(n):
   """The blocked inverse from the Cholesky factor (used on CPU for factors wider than one
@@ -329,17 +355,18 @@ def test_blocked_spd_inverse_matches_dense_inverse(n):
     assert not np.all(np.isfinite(bad))  # not positive definite: no silent answer
 
 
-def test_blocked_spd_inverse_is_as_accurate_as_cholesky_on_a_nearly_singular_factor():
-  """float32, a rank-deficient Gram of sigmoid activations (more features than rows, as
-  in a 1000-wide layer at batch 1000) plus a small damping: the blocked inverse keeps the
+@pytest.mark.parametrize("n, rows, damping", [(401, 300, 1e-3), (785, 1000, 1e-5)])
+def test_blocked_spd_inverse_is_as_accurate_as_cholesky_on_a_nearly_singular_factor(
+    n, rows, damping):
+  """float32, a (nearly) rank-deficient Gram of sigmoid activations (as in a wide layer
+  at batch 1000) plus a small damping: the blocked factorisation and inverse keep the
   Cholesky solve's accuracy (explicit Schur complements lost two orders of magnitude
   here, and failed outright at smaller damping)."""
   from curvax.kron import inverse
   rng = np.random.default_rng(0)
-  n = 401
-  a = 1 / (1 + np.exp(-2 * rng.normal(size=(300, n - 1)) - rng.normal(size=n - 1)))
-  a = np.concatenate([a, np.ones((300, 1))], axis=1)
-  m = a.T @ a / 300 + 1e-3 * np.eye(n)
+  a = 1 / (1 + np.exp(-2 * rng.normal(size=(rows, n - 1)) - rng.normal(size=n - 1)))
+  a = np.concatenate([a, np.ones((rows, 1))], axis=1)
+  m = a.T @ a / rows + damping * np.eye(n)
   expected = np.linalg.inv(m)
   error = lambda f: (np.abs(np.asarray(jax.jit(f)(jnp.asarray(m, jnp.float32)), np.float64)
                             - expected).max() / np.abs(expected).max())

@@ -144,12 +144,18 @@ def test_a_non_finite_batch_is_skipped_and_training_continues(name):
   bad_x = x.at[3, 1].set(jnp.nan)
   new_params, new_state = step(params, state, bad_x, y)
   assert_trees_equal(new_params, params)
-  assert_trees_equal(new_state._replace(num_skipped=state.num_skipped), state)
+  unchanged = {"num_skipped": state.num_skipped}
+  if name in ("kfac", "kflr", "kfra"):
+    # A refresh step (count 2) may leave the inverses it computed: the count does not
+    # advance, so the retried step computes them again before using them (below).
+    unchanged["inverse"] = state.inverse
+  assert_trees_equal(new_state._replace(**unchanged), state)
   assert int(new_state.num_skipped) == int(state.num_skipped) + 1
   # The next finite batch proceeds exactly as if the bad one had never come.
-  after, _ = step(new_params, new_state, x, y)
-  expected, _ = step(params, state, x, y)
-  assert_trees_equal(after, expected)
+  after = step(new_params, new_state, x, y)
+  expected = step(params, state, x, y)
+  assert_trees_equal(after[0], expected[0])
+  assert_trees_equal(after[1]._replace(num_skipped=expected[1].num_skipped), expected[1])
 
 
 @solver_names

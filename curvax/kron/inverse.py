@@ -10,8 +10,9 @@ an appended row, row-major ``vec``) is ``(Q̃ + ω√k I)⁻¹ V (𝒢̃ + ω⁻
 paper notes, this needs two positive-definite solves per layer (Cholesky here) instead
 of the eigendecompositions the exact damped inverse would need.
 
-On CPU the inverse of a large factor is built from its Cholesky factor by blocked
-recursions (:func:`blocked_spd_inverse`, as LAPACK ``potri``): most of the work becomes
+On CPU the Cholesky factorisation of a large factor and the inverse built from it are
+blocked recursions (:func:`blocked_spd_inverse`, as LAPACK ``potrf`` + ``potri``): most
+of the work becomes
 matrix products, which XLA runs on all cores, instead of LAPACK triangular solves against
 the identity (one core, and erratic when OpenBLAS threads compete with XLA's); the result
 stays row-major, so the stored inverses are never transposed. Other platforms use a
@@ -47,17 +48,31 @@ def _split(n: int) -> int:
   return min(n - 1, -(-n // 128) * 64)  # about half, a multiple of 64
 
 
-def _lower_triangular_inverse(lower: Array, block: int) -> Array:
-  """``L⁻¹`` of a lower-triangular ``L`` by 2×2 blocking (LAPACK ``trtri``'s recursion):
-  ``[[L₁₁, 0], [L₂₁, L₂₂]]⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``."""
-  n = lower.shape[0]
+def _inverse_cholesky_factor(matrix: Array, block: int) -> Array:
+  """``L⁻¹`` for the Cholesky factor ``L`` of a symmetric positive-definite matrix, by
+  the 2×2 block recursion of a right-looking Cholesky factorisation carried along with
+  ``trtri``'s (``L`` itself is never assembled)::
+
+      L₁₁ = chol(A₁₁),  L₂₁ = A₂₁ L₁₁⁻ᵀ,  L₂₂ = chol(A₂₂ − L₂₁ L₂₁ᵀ),
+      L⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]].
+
+  The Schur complement is the factorisation's own trailing update (not ``C − BᵀA⁻¹B``
+  with an explicit inverse), and every product is a matrix multiplication that XLA runs
+  on all cores; LAPACK (one core) only factorises and inverts blocks of at most
+  ``block`` rows.
+  """
+  n = matrix.shape[0]
   if n <= block:
+    # ``matrix`` is symmetric; factorising its transpose lets LAPACK's column-major
+    # layout be a relabelling of the row-major array rather than a copy.
+    lower = jax.lax.linalg.cholesky(matrix.T, symmetrize_input=False)
     return jax.lax.linalg.triangular_solve(lower, jnp.eye(n, dtype=lower.dtype),
                                            left_side=True, lower=True)
   k = _split(n)
-  y11 = _lower_triangular_inverse(lower[:k, :k], block)
-  y22 = _lower_triangular_inverse(lower[k:, k:], block)
-  y21 = -(y22 @ (lower[k:, :k] @ y11))
+  y11 = _inverse_cholesky_factor(matrix[:k, :k], block)
+  l21 = matrix[k:, :k] @ y11.T
+  y22 = _inverse_cholesky_factor(matrix[k:, k:] - l21 @ l21.T, block)
+  y21 = -(y22 @ (l21 @ y11))
   return jnp.concatenate([jnp.concatenate([y11, jnp.zeros((k, n - k), y11.dtype)], axis=1),
                           jnp.concatenate([y21, y22], axis=1)], axis=0)
 
@@ -78,24 +93,20 @@ def _lower_gram(y: Array, block: int) -> Array:
 
 
 def blocked_spd_inverse(matrix: Array, *, block: int = _CHOLESKY_BLOCK) -> Array:
-  """``M⁻¹ = L⁻ᵀL⁻¹`` of a symmetric positive-definite ``M = LLᵀ``, as LAPACK ``potri``.
-
-  One Cholesky factorisation (``n³/3`` flops), then ``L⁻¹`` and ``L⁻ᵀL⁻¹`` by 2×2 block
-  recursions whose work (``≈ 4n³/3`` flops) is matrix products, down to triangular
-  solves on blocks of at most ``block`` rows. A Cholesky solve against the identity
-  instead spends ``2n³`` flops in triangular solves. The rounding is that of the
-  Cholesky-based inverse (it is the same factorisation); an inverse built on explicit
-  Schur complements ``C − BᵀA⁻¹B`` loses accuracy with ``κ(A)`` and fails on the nearly
-  singular factors of wide layers at small damping. A matrix that is not positive
-  definite gives non-finite entries.
+  """``M⁻¹ = L⁻ᵀL⁻¹`` of a symmetric positive-definite ``M = LLᵀ``, as LAPACK
+  ``potrf`` + ``potri``, by 2×2 block recursions whose work (``≈ n³`` flops) is matrix
+  products, down to LAPACK on blocks of at most ``block`` rows
+  (:func:`_inverse_cholesky_factor`, then ``L⁻ᵀL⁻¹`` as ``lauum``). A Cholesky solve
+  against the identity instead spends ``2n³`` flops in single-core LAPACK triangular
+  solves after a single-core factorisation. The rounding is that of a blocked Cholesky
+  factorisation; an inverse built on explicit Schur complements ``C − BᵀA⁻¹B`` loses
+  accuracy with ``κ(A)`` and fails on the nearly singular factors of wide layers at small
+  damping. A matrix that is not positive definite gives non-finite entries.
   """
   n = matrix.shape[0]
   if n <= block:
     return cholesky_inverse(matrix)
-  # ``matrix`` is symmetric; factorising its transpose lets LAPACK's column-major
-  # layout be a relabelling of the row-major array rather than a copy.
-  lower = jax.lax.linalg.cholesky(matrix.T, symmetrize_input=False)
-  return _lower_gram(_lower_triangular_inverse(lower, block), block)
+  return _lower_gram(_inverse_cholesky_factor(matrix, block), block)
 
 
 def spd_inverse(matrix: Array) -> Array:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from curvax import nonfinite
 from curvax.kron import inverse as inverse_lib
 from curvax.kron.capture import Capture, slot_dims
 from curvax.kron.factors import Estimate
@@ -82,13 +83,32 @@ def _pad_to(matrix: Array, size: int) -> Array:
   return jnp.pad(matrix, ((0, pad), (0, pad))) if pad else matrix
 
 
+def estimate_finite(estimate: Estimate) -> Array:
+  """Whether a batch's estimate is finite, from the diagonals of its factors.
+
+  Every factor is positive semi-definite (a Gram matrix, or KFRA's Hadamard product of
+  such matrices), so ``|F_ij| ≤ √(F_ii F_jj)``, and a NaN or infinity anywhere in the
+  rows that formed it (``inf·0``, ``inf − inf``) reaches the diagonal: reading the
+  diagonals (``n`` entries) replaces a pass over the ``n²``.
+  """
+  diagonals = [jnp.diagonal(f) for f in (*estimate.q, *estimate.g)]
+  return nonfinite.all_finite(diagonals, estimate.diag)
+
+
 def update(factors: Factors, estimate: Estimate, capture: Capture, *, decay: float,
-           first: Array) -> Factors:
+           first: Array, accept: Array = True) -> Factors:
   """Exponential moving averages ``F ← decay·F + (1 − decay)·F̂`` (the estimate alone
-  on the first step), for the captured blocks and the fallback diagonals."""
+  on the first step), for the captured blocks and the fallback diagonals.
+
+  Where ``accept`` is false (a non-finite batch) every factor keeps its old value: the
+  choice is made inside the same elementwise pass as the average.
+  """
   weight = jnp.where(first, 0.0, decay)
-  mix = lambda old, new: (weight * old + (1 - weight) * new.astype(old.dtype)).astype(
-      old.dtype)
+
+  def mix(old, new):
+    new = weight * old + (1 - weight) * new.astype(old.dtype)
+    return jnp.where(accept, new, old).astype(old.dtype)
+
   q, g, diag = list(factors.q), list(factors.g), list(factors.diag)
   for block, q_hat, g_hat in zip(capture.blocks, estimate.q, estimate.g):
     i = block.kernel
