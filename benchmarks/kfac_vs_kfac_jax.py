@@ -108,8 +108,6 @@ class Runner:
     self.name, self._init, self._step, self.batches = name, init, step, batches
     self.reset()
 
-  seed = 0  # of the initial parameters and batch order (the loss comparison sets it)
-
   def reset(self, params=None):
     self.params, self.state = self._init(params)
     self.index = 0
@@ -203,9 +201,10 @@ def time_units(runners, *, unit: int, rounds: int, warmup: int = 1):
 
 
 def train_losses(runners, probe_loss, *, steps: int, eval_every: int, params=None,
-                 batches=None):
+                 batches=None, seed: int = 0):
   """Probe loss every ``eval_every`` steps, each runner from the same initial parameters
-  (``params``, default its own) over the same batches (default its own)."""
+  (``params``, default its own) over the same batches (default its own); ``seed`` names
+  that initialisation and batch order in the printed lines."""
   curves, seconds = {}, {}
   for runner in runners:
     if batches is not None:
@@ -220,7 +219,7 @@ def train_losses(runners, probe_loss, *, steps: int, eval_every: int, params=Non
     seconds[runner.name] = time.perf_counter() - start
     record["batch_loss_last"] = float(runner.losses[-1])
     curves[runner.name] = record
-    print(json.dumps({"name": runner.name, "steps": steps, "seed": runner.seed,
+    print(json.dumps({"name": runner.name, "steps": steps, "seed": seed,
                       "probe_loss": round(record["loss"][-1], 3),
                       "seconds": round(seconds[runner.name], 1)}), flush=True)
   return curves
@@ -403,12 +402,10 @@ def main(argv=None):
     # Where the autoencoder's plateau is left depends on rounding (a reordered sum
     # moves it by tens of steps), so one run says little: several seeds, medians.
     for seed in range(args.seeds):
-      for runner in compared:
-        runner.seed = seed
       seed_params, seed_batches = seeded(seed)
       curves[seed] = train_losses(compared, probe_loss, steps=args.steps,
                                   eval_every=args.eval_every, params=seed_params,
-                                  batches=seed_batches)
+                                  batches=seed_batches, seed=seed)
     if with_kfac_jax:
       finals = {name: [curves[seed][name]["loss"][-1] for seed in curves]
                 for name in ("curvax.kfac", "kfac_jax")}

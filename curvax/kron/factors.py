@@ -68,9 +68,9 @@ def row_gram(a: Array) -> Array:
   A wide ``a`` is split into column panels ``a = [a₁ … a_p]`` and only the blocks
   ``a_iᵀa_j`` with ``i ≤ j`` are multiplied, the others being their transposes
   (``(p + 1)/2p`` of the flops: the symmetric rank-k update that XLA lacks). On the
-  2-core CPU this makes a 1000 × 1001 factor ~20 % cheaper. Under ``jax.jit`` with the batch sharded over an *explicit* mesh axis the
-  rows are sharded, and JAX asks for the sharding of a product that contracts them: the
-  factor is replicated (one product, as before).
+  2-core CPU this makes a 1000 × 1001 factor ~20 % cheaper. Under ``jax.jit`` with the
+  batch sharded over an *explicit* mesh axis the rows are sharded, and JAX asks for the
+  sharding of a product that contracts them: the factor is replicated (one product).
   """
   if any(axis is not None for axis in explicit_spec(a)):
     return jnp.matmul(a.T, a, out_sharding=jax.sharding.PartitionSpec())

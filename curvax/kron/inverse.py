@@ -12,11 +12,10 @@ of the eigendecompositions the exact damped inverse would need.
 
 On CPU the Cholesky factorisation of a large factor and the inverse built from it are
 blocked recursions (:func:`blocked_spd_inverse`, as LAPACK ``potrf`` + ``potri``): most
-of the work becomes
-matrix products, which XLA runs on all cores, instead of LAPACK triangular solves against
-the identity (one core, and erratic when OpenBLAS threads compete with XLA's); the result
-stays row-major, so the stored inverses are never transposed. Other platforms use a
-Cholesky solve.
+of the work becomes matrix products, which XLA runs on all cores, instead of LAPACK
+factorisations and triangular solves against the identity (one core, and erratic when
+OpenBLAS threads compete with XLA's); the result stays row-major, so the stored inverses
+are never transposed. Other platforms use a Cholesky solve.
 """
 
 from __future__ import annotations
