@@ -7,9 +7,28 @@ One step, with ``Ĥ = Jᵀ H_L J`` the GGN and ``g`` the gradient (curveball.md 
     w  ← w + α z                               (eq. 16)
 
 ``ρ`` and ``β`` minimise the damped quadratic model along ``{Δz, z}`` (eq. 19, a 2×2
-solve whose entries need one more J-product, ``J Δz``); ``α = 1``. Every
-``damping_period`` steps ``λ`` follows the trust-region rule of §3.4 with
-``γ = (f(w + αz) − f(w)) / f̂(αz)``, which costs one extra forward pass on those steps.
+solve whose entries need one more J-product, ``J Δz``); ``α = 1``.
+
+The λ rule (§3.4) is run as the authors' code runs it (their MATLAB ``CurveBall.m`` and
+PyTorch ``curveball.py`` agree): on the steps counted ``0, T, 2T, …`` (the first step
+included), ``γ = (f(w + αz) − f(w)) / f̂`` on the step's own batch, where ``f̂`` is the
+*damped* model ``gᵀs + ½ sᵀ(Ĥ + λI)s`` at the step taken — with ``A x = b`` the system of
+eq. 19 and ``α = 1`` this is the authors' ``f̂ = −½ xᵀb``. ``λ ← λ·ω^T`` if ``γ > 3/2``
+and ``λ ← λ/ω^T`` if ``γ < 1/2``, with ``ω = 0.999`` the per-iteration factor (so
+``0.995`` per evaluation for ``T = 5``). The paper's text reads "a factor of 0.999" per
+evaluation: ``damping_factor=0.999 ** (1 / 5)`` gives that. The undamped model, which an
+earlier curvax used, keeps ``γ`` inside ``[1/2, 3/2]`` on real networks so that ``λ``
+never moves; it is not offered.
+
+Departures from the authors' code, deliberate:
+
+* with ``rho`` and ``beta`` both fixed the authors still solve eq. 19 whenever the λ rule
+  is on (and use its ``ρ, β``); curvax keeps the fixed values and evaluates the damped
+  model at the step taken, which needs one J-product (``J Δz``) on evaluation steps only;
+* a trial step whose loss ``f(w + αz)`` is not finite is rejected: the update is zero,
+  ``z`` and the step count keep their values and ``λ`` grows as for ``γ < 1/2`` — so the
+  next batch is again an evaluation step, until a step is accepted. (The authors apply
+  the step.)
 """
 
 from __future__ import annotations
@@ -22,9 +41,9 @@ import optax
 
 from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
-from curvax import nonfinite
 from curvax import quadratic
-from curvax._validation import check_positive, check_fraction
+from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
+                                check_positive, concrete_value, value_at)
 
 PyTree = Any
 
@@ -35,11 +54,13 @@ class CurveBallState(NamedTuple):
   Attributes:
     z: the running estimate of the damped Newton step ``−(Ĥ + λI)⁻¹ g`` (params-shaped).
     damping: ``λ``.
-    count: steps taken (finite batches only).
-    loss: the loss at the parameters the last finite step started from — for logging,
+    count: steps taken (finite, accepted steps only); schedules are evaluated at it and
+      the λ rule runs when it is a multiple of ``damping_period``.
+    loss: the loss at the parameters the last finite batch started from — for logging,
       free (it comes from the step's own forward pass).
-    rho, beta: the coefficients the last finite step used.
-    reduction_ratio: the last ``γ`` of the λ rule (NaN before the first evaluation).
+    rho, beta: the coefficients the last finite batch computed.
+    reduction_ratio: the last ``γ`` of the λ rule (NaN before the first evaluation;
+      non-finite after a rejected trial step).
     num_skipped: batches whose loss or curvature products were not finite; such a batch
       leaves parameters and every other field unchanged.
   """
@@ -53,8 +74,9 @@ class CurveBallState(NamedTuple):
   num_skipped: jax.Array
 
 
-def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
-              rho: Optional[float] = None, beta: Optional[float] = None,
+def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
+              rho: Optional[ScalarOrSchedule] = None,
+              beta: Optional[ScalarOrSchedule] = None,
               damping: float = 10.0, damping_period: int = 5,
               damping_factor: float = 0.999, min_damping: float = 1e-8,
               max_damping: float = 1e8,
@@ -68,17 +90,30 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
   step's own fused product. Passing gradients instead (e.g. after
   ``optax.add_decayed_weights`` in a chain) uses them for ``g`` at the same cost.
 
+  Numeric hyperparameters may be Python, NumPy or JAX scalars, so the factory works
+  under ``optax.inject_hyperparams``; ``learning_rate``, ``rho`` and ``beta`` also take an
+  ``optax.Schedule`` evaluated at :attr:`CurveBallState.count`.
+
+  In a chain, the λ rule measures ``γ`` on CurveBall's own step ``αz``, before later
+  transforms (clipping, weight decay, a line search) change it: the rule judges
+  CurveBall's quadratic model, whose minimiser that step is, and the loss at the
+  update actually applied is not known to CurveBall.
+
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
     learning_rate: ``α`` in ``w ← w + αz`` (eq. 16); 1 is the optimum of the model.
     rho: fixed decay ``ρ`` (eq. 15). With ``beta`` fixed too, the eq. 19 solve and its
-      extra J-product are skipped. ``None`` (default): automatic — jointly with ``β``
-      by eq. 19, or, when ``beta`` is fixed, the best ``ρ`` given that ``β``.
+      extra J-product are skipped (the λ rule then pays for ``J Δz`` on its own steps).
+      ``None`` (default): automatic — jointly with ``β`` by eq. 19, or, when ``beta`` is
+      fixed, the best ``ρ`` given that ``β``.
     beta: fixed step ``β`` on ``z`` (eq. 15); ``None``: automatic (with ``rho`` fixed,
       the best ``β`` given that ``ρ``).
     damping: initial ``λ`` — 10 without batch normalisation, 1 with it (§3.4).
-    damping_period: apply the λ rule every this many steps (§3.4: 5); 0 disables it.
-    damping_factor: ``λ ← λ·factor`` if ``γ > 3/2``, ``λ ← λ/factor`` if ``γ < 1/2``.
+    damping_period: ``T``: apply the λ rule on steps ``0, T, 2T, …`` (§3.4: 5); 0
+      disables it.
+    damping_factor: ``ω``, the factor per iteration: each evaluation multiplies ``λ`` by
+      ``ω^T`` if ``γ > 3/2`` and divides it by ``ω^T`` if ``γ < 1/2`` (the authors'
+      code; ``0.999 ** (1 / T)`` gives the paper text's 0.999 per evaluation).
     min_damping, max_damping: bounds ``λ`` is kept within.
     axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over;
       products, the loss and the eq. 19 / §3.4 statistics are averaged over it, so every
@@ -89,20 +124,25 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`CurveBallState`.
   """
   loss = losses_lib.get(loss)
-  check_positive("learning_rate", learning_rate)
+  check_positive("learning_rate", learning_rate, schedule=True)
   check_positive("damping", damping)
   check_fraction("damping_factor", damping_factor)
-  if damping_period < 0:
-    raise ValueError(f"damping_period must be >= 0 (0 disables the λ rule), got "
-                     f"{damping_period}.")
-  if not 0 < min_damping <= damping <= max_damping:
+  check_positive("min_damping", min_damping)
+  check_positive("max_damping", max_damping)
+  period = concrete_value(damping_period)
+  if period is not None and not (period >= 0 and period == int(period)):
+    raise ValueError(f"damping_period must be an integer >= 0 (0 disables the λ rule), "
+                     f"got {damping_period!r}.")
+  bounds = [concrete_value(v) for v in (min_damping, damping, max_damping)]
+  if None not in bounds and not bounds[0] <= bounds[1] <= bounds[2]:
     raise ValueError(f"damping must lie in [min_damping, max_damping] = "
-                     f"[{min_damping}, {max_damping}] with min_damping > 0, got {damping}.")
-  if rho is not None and not 0 <= rho <= 1:
-    raise ValueError(f"rho must lie in [0, 1], got {rho}.")
+                     f"[{min_damping}, {max_damping}], got {damping}.")
+  if rho is not None:
+    check_in_range("rho", rho, 0.0, 1.0, schedule=True)
   if beta is not None:
-    check_positive("beta", beta)
+    check_positive("beta", beta, schedule=True)
   automatic = rho is None or beta is None
+  lambda_rule = period != 0  # a traced period (inject_hyperparams) keeps the rule
 
   def init_fn(params):
     scalar = lambda v: jnp.asarray(v, jnp.float32)
@@ -121,7 +161,9 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     updates = extra_args_lib.given_gradient(updates)
     # Curvature statistics (λ, ρ, β, γ) in at least float32, whatever the params' dtype.
     stat_dtype = jnp.promote_types(lin.loss_value.dtype, jnp.float32)
+    scalar = lambda v: jnp.asarray(v, stat_dtype)
     z, lam = state.z, state.damping.astype(stat_dtype)
+    alpha = scalar(value_at(learning_rate, state.count))
     fused = lin.fused_ggn_vp(z)
     if updates is None:
       delta = fused.product
@@ -132,33 +174,52 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
       grad_dot = lambda d, jd: optax.tree.vdot(updates, d).astype(stat_dtype)
     delta = _cast_like(optax.tree.add_scale(delta, lam, z), z)  # eq. 18
 
+    def model_along(j_delta):
+      """The damped model (eq. 19's ``A`` and ``b``) over the directions ``[Δz, z]``."""
+      return quadratic.build([j_delta, fused.jz], [delta, z], output_hvp=lin.output_hvp,
+                             gradient_dots=[grad_dot(delta, j_delta),
+                                            grad_dot(z, fused.jz)],
+                             damping=lam, output_vdot=lin.output_vdot)
+
+    due = _lambda_rule_due(state.count)
     if automatic:
-      j_delta = lin.jvp(delta)
-      model = quadratic.build([j_delta, fused.jz], [delta, z],
-                              output_hvp=lin.output_hvp,
-                              gradient_dots=[grad_dot(delta, j_delta),
-                                             grad_dot(z, fused.jz)],
-                              damping=lam, output_vdot=lin.output_vdot)
-      new_rho, new_beta = _coefficients(model)
-      j_new_z = new_rho * fused.jz - new_beta * j_delta
+      model = model_along(lin.jvp(delta))
+      new_rho, new_beta = _coefficients(model, state.count)
     else:
-      new_rho = jnp.asarray(rho, stat_dtype)
-      new_beta = jnp.asarray(beta, stat_dtype)
-      j_new_z = None
-    new_z = _cast_like(
-        optax.tree.add_scale(optax.tree.scale(new_rho, z), -new_beta, delta), z)
-    step = optax.tree.scale(learning_rate, new_z)
+      # Only the λ rule needs J Δz here. A fresh forward pass under its own conditional
+      # keeps the compiled step's memory at SGD's (the linearisation's residuals would
+      # have to outlive the backward pass; measured in benchmarks.step_cost).
+      j_delta = jax.lax.cond(due, lambda: lin.jvp_recomputed(delta),
+                             lambda: jnp.zeros_like(fused.jz))
+      model = model_along(j_delta)
+      new_rho = scalar(value_at(rho, state.count))
+      new_beta = scalar(value_at(beta, state.count))
+    coefficients = alpha * jnp.stack([-new_beta, new_rho])  # the step αz on [Δz, z]
 
-    new_damping, ratio = _damping_rule(state, lin, params, step, j_new_z, updates, lam)
-    finite = nonfinite.all_finite(lin.loss_value, new_z, new_rho, new_beta)
+    new_damping, ratio, accepted = _damping_rule(
+        state, lin, params, z, delta, coefficients, model, lam, due)
+    # One reduction over Δz decides finiteness (max propagates NaN and inf) instead of
+    # a mask over the new z, so the selects below fuse with the z and step arithmetic.
+    finite = jnp.all(jnp.isfinite(jnp.stack([
+        lin.loss_value.astype(stat_dtype), new_rho, new_beta,
+        *[jnp.max(jnp.abs(d)).astype(stat_dtype) for d in jax.tree.leaves(delta)]])))
+    take = finite & accepted
+    new_z = jax.tree.map(
+        lambda zi, di: jnp.where(take, new_rho * zi - new_beta * di, zi).astype(zi.dtype),
+        z, delta)
+    step = jax.tree.map(lambda zi: jnp.where(take, alpha * zi, 0).astype(zi.dtype), new_z)
+    kept = lambda new, old: jnp.where(finite, new, old)
     new_state = CurveBallState(
-        z=new_z, damping=new_damping.astype(jnp.float32), count=state.count + 1,
-        loss=lin.loss_value.astype(jnp.float32), rho=new_rho.astype(jnp.float32),
-        beta=new_beta.astype(jnp.float32), reduction_ratio=ratio.astype(jnp.float32),
-        num_skipped=state.num_skipped)
-    return nonfinite.guard(finite, step, new_state, state)
+        z=new_z, damping=kept(new_damping.astype(jnp.float32), state.damping),
+        count=state.count + take.astype(state.count.dtype),
+        loss=kept(lin.loss_value.astype(jnp.float32), state.loss),
+        rho=kept(new_rho.astype(jnp.float32), state.rho),
+        beta=kept(new_beta.astype(jnp.float32), state.beta),
+        reduction_ratio=kept(ratio.astype(jnp.float32), state.reduction_ratio),
+        num_skipped=state.num_skipped + (~finite).astype(state.num_skipped.dtype))
+    return step, new_state
 
-  def _coefficients(model):
+  def _coefficients(model, count):
     """``(ρ, β)`` minimising the damped model over the coefficients not fixed.
 
     Both free: the 2×2 solve of eq. 19 (coefficients ``[−β, ρ]``). One fixed: the
@@ -170,9 +231,9 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
       return new_rho, -neg_beta
     dtype = model.linear.dtype
     if rho is not None:  # minimise over x₀ = −β with x₁ = ρ fixed
-      fixed, free = jnp.asarray(rho, dtype), 0
+      fixed, free = jnp.asarray(value_at(rho, count), dtype), 0
     else:  # minimise over x₁ = ρ with x₀ = −β fixed
-      fixed, free = -jnp.asarray(beta, dtype), 1
+      fixed, free = -jnp.asarray(value_at(beta, count), dtype), 1
     other = 1 - free
     line = quadratic.QuadraticModel(
         model.curvature[free:free + 1, free:free + 1],
@@ -181,28 +242,43 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
     (solved,) = quadratic.minimiser(line)
     return (solved, -fixed) if free == 1 else (fixed, -solved)
 
-  def _damping_rule(state, lin, params, step, j_new_z, updates, lam):
-    """§3.4: every ``damping_period`` steps, ``γ = Δf / f̂(αz)`` rescales ``λ``."""
-    if damping_period == 0:
-      return lam, state.reduction_ratio
+  def _lambda_rule_due(count):
+    """Whether the λ rule runs on this step: counts ``0, T, 2T, …`` (§3.4, authors)."""
+    if not lambda_rule:
+      return jnp.asarray(False)
+    every = jnp.maximum(jnp.asarray(damping_period, count.dtype), 1)
+    return (count % every == 0) & (jnp.asarray(damping_period) > 0)
+
+  def _damping_rule(state, lin, params, z, delta, coefficients, model, lam, due):
+    """§3.4 as the authors run it: ``(λ, γ, accepted)`` for this step.
+
+    On steps counted ``0, T, 2T, …``, ``γ = Δf / f̂`` with ``f̂`` the damped model at the
+    step taken and ``Δf`` measured on this batch; a non-finite ``γ`` (a trial loss that
+    is inf or NaN) rejects the step and grows ``λ`` as ``γ < 1/2`` does.
+    """
+    accepted = jnp.asarray(True)
+    if not lambda_rule:
+      return lam, state.reduction_ratio, accepted
 
     def evaluate(_):
-      j_step = (learning_rate * j_new_z if j_new_z is not None else lin.jvp(step))
-      grad_step = (lin.output_vdot(lin.output_grad, j_step) if updates is None
-                   else optax.tree.vdot(updates, step))
-      predicted = grad_step + 0.5 * lin.output_vdot(j_step, lin.output_hvp(j_step))
+      predicted = quadratic.predicted_change(model, coefficients, damped=True)
+      step = jax.tree.map(
+          lambda zi, di: (coefficients[1] * zi + coefficients[0] * di).astype(zi.dtype),
+          z, delta)
       actual = (lin.loss_at(optax.tree.add(params, step)).astype(predicted.dtype)
                 - lin.loss_value.astype(predicted.dtype))
       ratio = quadratic.reduction_ratio(actual, predicted)
+      ok = jnp.isfinite(ratio)
+      factor = (jnp.asarray(damping_factor, lam.dtype)
+                ** jnp.asarray(damping_period, lam.dtype))
       new_lam = quadratic.levenberg_marquardt(
-          lam, ratio, factor=damping_factor, lower=0.5, upper=1.5,
+          lam, jnp.where(ok, ratio, -jnp.inf), factor=factor, lower=0.5, upper=1.5,
           min_damping=min_damping, max_damping=max_damping)
-      return new_lam, ratio.astype(jnp.float32)
+      return new_lam, ratio.astype(jnp.float32), ok
 
     def keep(_):
-      return lam, state.reduction_ratio
+      return lam, state.reduction_ratio, accepted
 
-    due = (state.count + 1) % damping_period == 0
     return jax.lax.cond(due, evaluate, keep, None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

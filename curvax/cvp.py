@@ -118,6 +118,15 @@ class Linearization:
     """``J v``: parameter-space tangent to output space."""
     return self._jvp(self._as_params(v))
 
+  def jvp_recomputed(self, v: PyTree) -> Array:
+    """``J v`` from a new forward pass (``jax.jvp``) instead of the stored residuals.
+
+    One more forward pass, but nothing from the linearisation has to stay alive for it:
+    inside a ``jax.lax.cond`` taken on few steps (CurveBall's λ rule) this keeps the
+    compiled step's memory down.
+    """
+    return jax.jvp(self.predict, (self.params,), (self._as_params(v),))[1]
+
   def vjp(self, u: Array) -> PyTree:
     """``Jᵀ u``: output-space cotangent pulled back to parameters."""
     return self.batch_mean(self.local_vjp(u))

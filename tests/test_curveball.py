@@ -109,8 +109,10 @@ def _coefficients(ggn, damping, grad, z, delta, rho, beta):
 
 def _lambda_rule(damping, ratio, factor, min_damping, max_damping):
   """§3.4: shrink λ when the model under-predicts the decrease (γ > 3/2), grow it when
-  it over-predicts (γ < 1/2), then clip."""
-  if ratio > 1.5:
+  it over-predicts (γ < 1/2) or the trial loss is not finite, then clip."""
+  if not np.isfinite(ratio):
+    damping /= factor
+  elif ratio > 1.5:
     damping *= factor
   elif ratio < 0.5:
     damping /= factor
@@ -125,7 +127,9 @@ def dense_curveball(objective, w0, num_steps, *, damping, rho=None, beta=None,
 
   ``gradient(w)`` replaces ``∇f`` (a user-supplied gradient), ``transform_step(s)`` is
   what the transforms after CurveBall in a chain do to its step. In the records,
-  ``ratio`` is the last γ the λ rule used and ``gamma`` the γ of every step, due or not.
+  ``ratio`` is the last γ the λ rule used and ``gamma`` the γ of every step, due or not:
+  the measured change over the DAMPED model at the step taken, on steps ``0, T, 2T…``,
+  with ``damping_factor`` per iteration (``damping_factor^T`` per evaluation).
   """
   w = np.asarray(w0, np.float64)
   z = np.zeros_like(w)
@@ -139,11 +143,12 @@ def dense_curveball(objective, w0, num_steps, *, damping, rho=None, beta=None,
     new_rho, new_beta = _coefficients(ggn, lam, grad, z, delta, rho, beta)
     z = new_rho * z - new_beta * delta                        # eq. 15
     step = learning_rate * z                                  # eq. 16
-    predicted = grad @ step + 0.5 * step @ ggn @ step
+    predicted = grad @ step + 0.5 * step @ (ggn + lam * np.eye(w.size)) @ step
     gamma = (objective.value(w + step) - objective.value(w)) / predicted
-    if damping_period and (k + 1) % damping_period == 0:      # §3.4
+    if damping_period and k % damping_period == 0:            # §3.4
       ratio = gamma
-      lam = _lambda_rule(lam, ratio, damping_factor, min_damping, max_damping)
+      lam = _lambda_rule(lam, ratio, damping_factor ** damping_period, min_damping,
+                         max_damping)
     update = step if transform_step is None else transform_step(step)
     records.append(dict(loss=objective.value(w), rho=new_rho, beta=new_beta, z=z.copy(),
                         damping=lam, ratio=ratio, gamma=gamma, update=update))
@@ -240,7 +245,7 @@ def _quadratic(kind, seed=0):
 
 @pytest.mark.parametrize("kind, damping", [("from_fn", 1.0), ("squared_error", 0.1)])
 def test_converges_to_quadratic_minimiser(kind, damping):
-  """Automatic ρ/β on ``½wᵀAw − bᵀw`` reach ``A⁻¹b`` (and λ stays: γ = 1 exactly)."""
+  """Automatic ρ/β on ``½wᵀAw − bᵀw`` reach ``A⁻¹b``; λ falls while the model holds."""
   with jax.enable_x64(True):
     a, b, loss, predict, targets, params = _quadratic(kind)
     tx = curvax.curveball(loss, damping=damping)
@@ -249,11 +254,19 @@ def test_converges_to_quadratic_minimiser(kind, damping):
     np.testing.assert_allclose(history[-1][0]["w"], solution, rtol=1e-6, atol=1e-8)
     errors = [np.linalg.norm(p["w"] - solution) for p, _, _ in history]
     assert errors[49] < 1e-2 * errors[0] and errors[99] < 1e-2 * errors[49]
-    # On an exact quadratic the model is exact: γ = 1 and the λ rule never fires (read
-    # while the steps are large enough for f(w + z) − f(w) to be accurate).
-    gammas = [float(s.reduction_ratio) for _, s, _ in history[4:20:5]]
-    np.testing.assert_allclose(gammas, 1.0, rtol=1e-6)
-    assert float(history[19][1].damping) == _f32(damping)
+    # On an exact quadratic Δf is the undamped model, so γ = f̂₀(s) / f̂_λ(s) ≥ 1 with
+    # f̂_λ(s) = gᵀs + ½ sᵀ(A + λI)s: λ can only fall (read while the steps are large
+    # enough for f(w + s) − f(w) to be accurate).
+    lams = [_f32(damping)] + [float(s.damping) for _, s, _ in history]
+    for k in range(0, 20, 5):
+      w = np.asarray(params["w"] if k == 0 else history[k - 1][0]["w"])
+      step = np.asarray(history[k][2]["w"])
+      g = a @ w - b
+      undamped = g @ step + 0.5 * step @ a @ step
+      expected = undamped / (undamped + 0.5 * lams[k] * step @ step)
+      np.testing.assert_allclose(history[k][1].reduction_ratio, expected, rtol=1e-5)
+      assert expected >= 1
+    assert all(later <= earlier for earlier, later in zip(lams[:20], lams[1:20]))
 
 
 @pytest.mark.parametrize("kind", ["from_fn", "squared_error"])
@@ -380,10 +393,11 @@ def _exp_problem(w0):
   return loss, predict, jnp.zeros((1, 1)), {"w": jnp.asarray([w0])}
 
 
-def _exp_gamma(w, step):
-  """``γ = (f(w + s) − f(w)) / (g s + ½ H s²)`` in closed form."""
+def _exp_gamma(w, step, lam):
+  """``γ = (f(w + s) − f(w)) / (g s + ½ (H + λ) s²)`` in closed form."""
   f = lambda v: np.exp(v) - v
-  return (f(w + step) - f(w)) / ((np.exp(w) - 1) * step + 0.5 * np.exp(w) * step ** 2)
+  return (f(w + step) - f(w)) / ((np.exp(w) - 1) * step
+                                 + 0.5 * (np.exp(w) + lam) * step ** 2)
 
 
 GAMMA_CASES = {
@@ -410,7 +424,7 @@ def test_damping_follows_reduction_ratio(case):
     ((_, state, updates),) = run(tx, params, 1,
                                  lambda p: dict(predict_fn=predict, targets=targets))
     step = float(updates["w"][0])
-    gamma = _exp_gamma(w0, step)
+    gamma = _exp_gamma(w0, step, lam)
     assert {"high": gamma > 1.5, "mid": 0.5 <= gamma <= 1.5, "low": gamma < 0.5}[regime]
     np.testing.assert_allclose(state.reduction_ratio, gamma, rtol=1e-5)
     np.testing.assert_allclose(state.damping, _f32(lam * factor), rtol=1e-7)
@@ -425,26 +439,29 @@ def test_damping_rule_on_mlp(period):
     predict, params, targets = _mlp("softmax_cross_entropy", seed=3)
     objective = DenseObjective(predict, params, _ref_softmax_cross_entropy, targets)
     config = dict(damping=0.05, learning_rate=1.7, damping_period=period,
-                  damping_factor=0.7, min_damping=0.02, max_damping=0.2)
+                  damping_factor=0.7, min_damping=0.02, max_damping=0.1)
     tx = curvax.curveball("softmax_cross_entropy", **config)
     history = run(tx, params, 6, lambda p: dict(predict_fn=predict, targets=targets))
     records = dense_curveball(objective, _flat(params), 6, **config)
     _assert_matches(history, records)
     gammas = [r["gamma"] for r in records]
-    due = [bool(period) and (k + 1) % period == 0 for k in range(6)]
+    due = [bool(period) and k % period == 0 for k in range(6)]
     # α = 1.7 overshoots: γ < 1/2 on some step the rule ran on (λ grew) ...
     assert period == 0 or any(g < 0.5 for g, d in zip(gammas, due) if d)
     # ... and on some step it skipped, where acting would have changed λ.
     assert period == 1 or any(g < 0.5 or g > 1.5 for g, d in zip(gammas, due) if not d)
-    assert all(_f32(0.02) <= float(s.damping) <= _f32(0.2) for _, s, _ in history)
-    if period == 1:  # λ would have reached 0.05 / 0.7⁴ > 0.2: clipped to max_damping
-      assert float(history[-1][1].damping) == _f32(0.2)
+    assert all(_f32(0.02) <= float(s.damping) <= _f32(0.1) for _, s, _ in history)
+    if period == 1:  # λ would have reached 0.05 · 0.7 / 0.7⁴ > 0.1: clipped to the max
+      assert float(history[-1][1].damping) == _f32(0.1)
+    if period == 3:  # γ > 3/2 on step 0: 0.05 · 0.7³ < 0.02, clipped to the min
+      assert float(history[0][1].damping) == _f32(0.02)
     if period == 0:
       assert all(float(s.damping) == _f32(0.05) for _, s, _ in history)
       assert all(np.isnan(s.reduction_ratio) for _, s, _ in history)
-    else:
-      assert not np.isnan(history[period - 1][1].reduction_ratio)
-      assert period == 1 or np.isnan(history[period - 2][1].reduction_ratio)
+    else:  # the first step is an evaluation step; γ is kept until the next one
+      assert not np.isnan(history[0][1].reduction_ratio)
+      assert period == 1 or (float(history[period - 1][1].reduction_ratio)
+                             == float(history[0][1].reduction_ratio))
 
 
 # ------------------------------------------------------ jit, non-finite batches
@@ -563,22 +580,29 @@ def test_mixed_precision_keeps_parameter_dtype():
 
 
 def test_chain_with_clip_by_global_norm():
-  """Clipping acts on the step only; z keeps its unclipped value (dense reference)."""
+  """Clipping acts on the step only; z keeps its unclipped value (dense reference).
+
+  Over three λ evaluations, γ is measured on CurveBall's own step αz, not on the
+  clipped update (the rule judges CurveBall's model, whose minimiser αz is).
+  """
   with jax.enable_x64(True):
     predict, params, targets = _mlp("softmax_cross_entropy", seed=5)
     objective = DenseObjective(predict, params, _ref_softmax_cross_entropy, targets)
     max_norm = 0.3
-    tx = optax.chain(curvax.curveball("softmax_cross_entropy", damping=0.2),
+    config = dict(damping=0.2, damping_period=2, damping_factor=0.5)
+    tx = optax.chain(curvax.curveball("softmax_cross_entropy", **config),
                      optax.clip_by_global_norm(max_norm))
-    history = run(tx, params, 3, lambda p: dict(predict_fn=predict, targets=targets))
+    history = run(tx, params, 6, lambda p: dict(predict_fn=predict, targets=targets))
     clip = lambda s: s * min(1.0, max_norm / np.linalg.norm(s))
-    records = dense_curveball(objective, _flat(params), 3, damping=0.2,
-                              transform_step=clip)
+    records = dense_curveball(objective, _flat(params), 6, transform_step=clip, **config)
     assert np.linalg.norm(records[0]["z"]) > max_norm  # clipping is active
+    assert len({r["damping"] for r in records}) > 1  # the λ rule acted
     for k, ((p, s, u), ref) in enumerate(zip(history, records)):
       np.testing.assert_allclose(_flat(u), ref["update"], rtol=1e-8, atol=1e-11)
       np.testing.assert_allclose(_flat(p), ref["w"], rtol=1e-8, atol=1e-11)
       np.testing.assert_allclose(_flat(s[0].z), ref["z"], rtol=1e-8, atol=1e-11)
+      assert float(s[0].damping) == ref["damping"], k
+      np.testing.assert_allclose(s[0].reduction_ratio, ref["ratio"], rtol=1e-6)
 
 
 def test_chain_after_add_decayed_weights():
