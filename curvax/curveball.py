@@ -33,6 +33,7 @@ Departures from the authors' code, deliberate:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -185,24 +186,30 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
     if automatic:
       model = model_along(lin.jvp(delta))
       new_rho, new_beta = _coefficients(model, state.count)
+      model_fn = lambda: model
     else:
       # Only the λ rule needs J Δz here. A fresh forward pass under its own conditional
       # keeps the compiled step's memory at SGD's (the linearisation's residuals would
       # have to outlive the backward pass; measured in benchmarks.step_cost).
       j_delta = jax.lax.cond(due, lambda: lin.jvp_recomputed(delta),
                              lambda: jnp.zeros_like(fused.jz))
-      model = model_along(j_delta)
+      model_fn = functools.partial(model_along, j_delta)  # on evaluation steps only
       new_rho = scalar(value_at(rho, state.count))
       new_beta = scalar(value_at(beta, state.count))
     coefficients = alpha * jnp.stack([-new_beta, new_rho])  # the step αz on [Δz, z]
 
     new_damping, ratio, accepted = _damping_rule(
-        state, lin, params, z, delta, coefficients, model, lam, due)
-    # One reduction over Δz decides finiteness (max propagates NaN and inf) instead of
-    # a mask over the new z, so the selects below fuse with the z and step arithmetic.
-    finite = jnp.all(jnp.isfinite(jnp.stack([
-        lin.loss_value.astype(stat_dtype), new_rho, new_beta,
-        *[jnp.max(jnp.abs(d)).astype(stat_dtype) for d in jax.tree.leaves(delta)]])))
+        state, lin, params, z, delta, coefficients, model_fn, lam, due)
+    # Finiteness from scalars, not a mask over the new z, so the selects below fuse with
+    # the z and step arithmetic: the Gram entries carry Δzᵀ Δz; without them, one max
+    # over |Δz| (max propagates NaN and inf).
+    if automatic:
+      checks = [model.damped.reshape(-1)]
+    else:
+      checks = [jnp.max(jnp.abs(d)).astype(stat_dtype)[None]
+                for d in jax.tree.leaves(delta)]
+    finite = jnp.all(jnp.isfinite(jnp.concatenate(
+        [jnp.stack([lin.loss_value.astype(stat_dtype), new_rho, new_beta]), *checks])))
     take = finite & accepted
     new_z = jax.tree.map(
         lambda zi, di: jnp.where(take, new_rho * zi - new_beta * di, zi).astype(zi.dtype),
@@ -249,7 +256,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
     every = jnp.maximum(jnp.asarray(damping_period, count.dtype), 1)
     return (count % every == 0) & (jnp.asarray(damping_period) > 0)
 
-  def _damping_rule(state, lin, params, z, delta, coefficients, model, lam, due):
+  def _damping_rule(state, lin, params, z, delta, coefficients, model_fn, lam, due):
     """§3.4 as the authors run it: ``(λ, γ, accepted)`` for this step.
 
     On steps counted ``0, T, 2T, …``, ``γ = Δf / f̂`` with ``f̂`` the damped model at the
@@ -261,7 +268,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
       return lam, state.reduction_ratio, accepted
 
     def evaluate(_):
-      predicted = quadratic.predicted_change(model, coefficients, damped=True)
+      predicted = quadratic.predicted_change(model_fn(), coefficients, damped=True)
       step = jax.tree.map(
           lambda zi, di: (coefficients[1] * zi + coefficients[0] * di).astype(zi.dtype),
           z, delta)
