@@ -7,7 +7,9 @@ For every loss optax also has, curvax's ``value``, ``grad`` (w.r.t. the outputs)
 user writes with optax (``curvax.problems.training.optax_objective``: optax's loss with
 curvax's reduction), jitted, medians of interleaved calls in one process. Then the SGD
 step on the MLP 784-1000-500-250-10 of ``benchmarks.step_cost`` (batch 256), once with
-each curvax loss and once with optax's: what a slower loss costs a whole step.
+each curvax loss and once with optax's: what a slower loss costs a whole step. Each row
+also gives the ratio of XLA's ``bytes accessed`` of the two compiled programs, which the
+machine's load does not move.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def _targets(case: str, key, shape):
   return jax.random.normal(key, shape)
 
 
+def _bytes_accessed(fn, *args):
+  """XLA's count of the compiled program's memory traffic: a noise-free companion to time."""
+  analysis = fn.lower(*args).compile().cost_analysis()
+  return (analysis or {}).get("bytes accessed")
+
+
 def _operations(objective):
   return {"value": jax.jit(objective), "grad": jax.jit(jax.grad(objective)),
           "value_and_grad": jax.jit(jax.value_and_grad(objective))}
@@ -67,8 +75,13 @@ def loss_rows(repeats: int):
            for who, ops in candidates.items() for op, fn in ops.items()}
     times = median_times(fns, repeats=repeats)
     for op in candidates["curvax"]:
-      yield {"loss": case, "shape": list(shape), "op": op,
+      row = {"loss": case, "shape": list(shape), "op": op,
              "ratio": round(times[f"curvax/{op}"] / times[f"optax/{op}"], 3)}
+      traffic = [_bytes_accessed(candidates[who][op], outputs, targets)
+                 for who in ("curvax", "optax")]
+      if all(traffic):
+        row["bytes_accessed_ratio"] = round(traffic[0] / traffic[1], 3)
+      yield row
 
 
 def sgd_step_rows(repeats: int, batch: int = 256):

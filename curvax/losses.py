@@ -180,6 +180,11 @@ def _check_classification_targets(outputs, targets):
           f"{name}: integer labels must have shape outputs.shape[:-1] = "
           f"{outputs.shape[:-1]}, got {targets.shape}.")
   elif jnp.issubdtype(targets.dtype, jnp.floating):
+    if targets.shape == outputs.shape[:-1]:
+      raise TypeError(
+          f"{name}: targets of shape {targets.shape} = outputs.shape[:-1] are labels "
+          f"stored as {targets.dtype}; cast to int or pass one-hot targets of shape "
+          f"{outputs.shape}.")
     if targets.shape != outputs.shape:
       raise ValueError(
           f"{name}: one-hot / soft targets must have the outputs' shape "
@@ -220,11 +225,17 @@ def squared_error() -> Loss:
 # ------------------------------------------------------------ softmax cross-entropy
 
 
-def _class_probabilities(t, logits):
-  """Integer label or probability vector as a probability vector over classes."""
-  if jnp.issubdtype(t.dtype, jnp.integer):
-    return jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)
-  return t.astype(logits.dtype)
+def _label_cross_entropy(logits, labels):
+  """``−log softmax(logits)[label]`` per position; NaN where a label is not a class.
+
+  Computed as optax does, ``logsumexp − logits[label]``: one reduction and a gather,
+  no normalised log-probabilities or one-hot targets over all classes, and autodiff's
+  gradient is then optax's (softmax, minus one scattered at the label). The validity
+  check is one select per position.
+  """
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1, mode="clip")[..., 0]
+  is_class = (labels >= 0) & (labels < logits.shape[-1])
+  return jnp.where(is_class, jax.nn.logsumexp(logits, axis=-1) - picked, jnp.nan)
 
 
 def softmax_cross_entropy() -> Loss:
@@ -235,13 +246,24 @@ def softmax_cross_entropy() -> Loss:
   normalised targets), ``H_ℓ = s (diag(p) − ppᵀ)`` (curveball.md §2.3) and
   ``C = √s (diag(√p) − p √pᵀ)`` satisfies ``C Cᵀ = H_ℓ`` because ``Σ_c p_c = 1``.
   Predictive distribution: ``t ~ Categorical(p)``, in the format of the given targets.
+
+  A label that is not a class (``t < 0`` or ``t ≥ num_classes``) makes its example's
+  loss, and so the batch's ``value``, NaN (optax's loss is NaN for ``t ≥ num_classes``;
+  curvax does not wrap negative labels round either): the solvers' non-finite guard
+  then skips the batch and counts it in ``num_skipped``. The gradient stays finite, as
+  optax's does. Float targets of shape ``o.shape[:-1]`` (labels stored as floats) are
+  refused at trace time.
   """
 
   def per_example(o, t):
-    return -jnp.sum(_class_probabilities(t, o) * jax.nn.log_softmax(o, axis=-1))
+    if jnp.issubdtype(t.dtype, jnp.integer):
+      return jnp.sum(_label_cross_entropy(o, t))
+    return -jnp.sum(t.astype(o.dtype) * jax.nn.log_softmax(o, axis=-1))
 
   def target_mass(o, t):
-    return jnp.sum(_class_probabilities(t, o), axis=-1, keepdims=True)
+    if jnp.issubdtype(t.dtype, jnp.integer):  # a label is one unit of mass
+      return jnp.ones(o.shape[:-1] + (1,), o.dtype)
+    return jnp.sum(t.astype(o.dtype), axis=-1, keepdims=True)
 
   def hvp(o, t, u):
     p = jax.nn.softmax(o, axis=-1)
