@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 import curvax
-from curvax.problems import datasets, models
+from curvax.problems import datasets, models, training
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 LOSS = curvax.losses.softmax_cross_entropy()
@@ -129,11 +129,12 @@ def make_step(model, method: str, tx, *, line_search: bool):
     extra = {}
     if method == "shg":
       extra = dict(curvature_predict_fn=lambda p: model.apply(p, cx), curvature_targets=cy)
-    if method == "sgd" or line_search:
+    if method == "sgd":  # the baseline: the step a user writes with optax's own loss
+      params, state, _ = training.first_order_update(
+          tx, training.optax_objective(LOSS), params, state, predict, y)
+      return params, state
+    if line_search:
       value, grad = jax.value_and_grad(lambda p: LOSS.value(predict(p), y))(params)
-    if method == "sgd":
-      updates, state = tx.update(grad, state, params)
-    elif line_search:
       updates, state = tx.update(grad, state, params, value=value, grad=grad,
                                  value_fn=_value_fn, predict_fn=predict, targets=y, **extra)
     else:  # the solver's own linearisation gives the gradient

@@ -1,8 +1,11 @@
-"""Cost of each curvature-vector product relative to one jitted ``jax.grad`` of the loss.
+"""Cost of each curvature-vector product relative to one jitted gradient of optax's loss.
 
     python -m benchmarks.cvp_cost
 
-Model: the MLP 784-1000-500-250-10 (tanh), batch 256, softmax cross-entropy. Prints one
+Model: the MLP 784-1000-500-250-10 (tanh), batch 256, softmax cross-entropy. The baseline
+is the gradient a user writes: ``jax.grad`` of
+``optax.softmax_cross_entropy_with_integer_labels(...).mean()``
+(``curvax.problems.training.optax_objective``). Prints one
 JSON line per product, ``ratio = time(product) / time(grad)``, medians of interleaved
 jitted calls. "cached" products run on a linearisation computed beforehand (its residuals
 are passed into the jitted product as arguments); the others include their forward pass.
@@ -26,6 +29,7 @@ import optax
 
 import curvax
 from benchmarks.timing import median_times, report_ratios
+from curvax.problems import training
 from curvax.problems.models import MLP
 
 CG_ITERS = 10
@@ -44,7 +48,8 @@ def products(batch_size: int = 256, seed: int = 0):
   v = jax.tree.map(lambda a: jax.random.normal(key_v, a.shape, a.dtype), params)
   u = jax.random.normal(key_v, (batch_size, 10))
 
-  grad = jax.jit(jax.grad(lambda p: loss.value(predict(p), y)))
+  objective = training.optax_objective(loss)
+  grad = jax.jit(jax.grad(lambda p: objective(predict(p), y)))
   lin = jax.jit(lambda p: curvax.linearize(predict, p, loss=loss, targets=y))(params)
   cached = lambda method: jax.jit(lambda lin, arg: getattr(lin, method)(arg))
   jv, jtu, ggn_cached, fisher_cached, fused_cached = (

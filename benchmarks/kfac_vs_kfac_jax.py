@@ -86,7 +86,7 @@ import optax  # noqa: E402
 import curvax  # noqa: E402
 from benchmarks.timing import block  # noqa: E402
 from curvax import kron  # noqa: E402
-from curvax.problems import datasets, models  # noqa: E402
+from curvax.problems import datasets, models, training  # noqa: E402
 
 try:
   import kfac_jax  # noqa: E402
@@ -130,11 +130,12 @@ def _fresh(params0, params):
 # Every runner's step donates its parameters and optimiser state (as kfac-jax's does):
 # a training loop's step updates them in place instead of copying every buffer.
 def sgd_like(name, model, loss, tx, params0, batches):
+  objective = training.optax_objective(loss)  # the step a user writes with optax's loss
+
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, x):
-    value, grads = jax.value_and_grad(lambda p: loss.value(model.apply(p, x), x))(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, value
+    return training.first_order_update(tx, objective, params, state,
+                                       lambda p: model.apply(p, x), x)
 
   def init(params):
     params = _fresh(params0, params)

@@ -2,7 +2,9 @@
 
     python -m benchmarks.step_cost
 
-The SGD step is ``jax.value_and_grad`` + ``optax.sgd`` + ``optax.apply_updates``, jitted.
+The SGD step is the one a user writes with optax alone (``jax.value_and_grad`` of
+``optax.softmax_cross_entropy_with_integer_labels(...).mean()`` + ``optax.sgd`` +
+``optax.apply_updates``, jitted: ``curvax.problems.training.first_order_update``).
 Each timed unit is ``CYCLE`` consecutive steps, so the λ rule's extra forward pass (every
 5th CurveBall step) is counted at its true frequency. Prints one JSON line per (model,
 optimiser) with the time ratio, the passes the step makes over the network, and the
@@ -19,7 +21,7 @@ import optax
 
 import curvax
 from benchmarks.timing import median_times
-from curvax.problems import models
+from curvax.problems import models, training
 
 CYCLE = 5
 
@@ -47,11 +49,10 @@ def _steps(model, x, y, loss):
   """Jitted single steps, each ``(params, state) -> (params, state)``."""
   predict = lambda p: model.apply(p, x)
   sgd = optax.sgd(1e-3)
+  objective = training.optax_objective(loss)
 
   def sgd_step(params, state):
-    grads = jax.grad(lambda p: loss.value(predict(p), y))(params)
-    updates, state = sgd.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return training.first_order_update(sgd, objective, params, state, predict, y)[:2]
 
   def solver_step(tx):
     def step(params, state):
