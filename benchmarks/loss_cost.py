@@ -102,8 +102,12 @@ def sgd_step_rows(repeats: int, batch: int = 256):
                                ("optax", training.optax_objective(loss)))}
     times = median_times({who: (lambda step=step: step(params, state))
                           for who, step in steps.items()}, repeats=repeats)
-    yield {"loss": case, "op": "sgd_step", "model": "mlp784-1000-500-250-10",
+    traffic = [_bytes_accessed(steps[who], params, state) for who in ("curvax", "optax")]
+    row = {"loss": case, "op": "sgd_step", "model": "mlp784-1000-500-250-10",
            "batch": batch, "ratio": round(times["curvax"] / times["optax"], 3)}
+    if all(traffic):
+      row["bytes_accessed_ratio"] = round(traffic[0] / traffic[1], 3)
+    yield row
 
 
 def main():
