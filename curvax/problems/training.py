@@ -65,9 +65,10 @@ def classifier_optimisers(loss, *, sgd_learning_rate: float = 0.1
                           ) -> dict[str, optax.GradientTransformation]:
   """CurveBall against Adam and SGD + momentum on the MNIST classifiers.
 
-  λ₀ = 1 rather than the paper's 10: on these models γ stays within [1/2, 3/2], so the
-  §3.4 rule never moves λ and λ₀ decides; λ₀ = 10 trails λ₀ = 1 (MLP, 460 steps: loss
-  0.27 vs 0.15) and λ₀ <= 0.03 is unstable.
+  λ₀ = 1 rather than the paper's 10: the authors' §3.4 rule moves λ by at most 0.999⁵
+  per 5 steps, so in a few hundred steps λ₀ decides. On the MNIST MLP (460 steps, batch
+  128, 30k images) λ falls from 10 to 6.4 and the training loss ends at 0.221; from
+  λ₀ = 1 it ends at 0.123 (λ 0.995). λ₀ <= 0.03 is unstable.
   """
   return {
       "curveball": curvax.curveball(loss, damping=1.0),
