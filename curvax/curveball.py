@@ -159,7 +159,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
     lin = extra_args_lib.linearization_from(
         "curveball", loss, params, predict_fn=predict_fn, targets=targets,
         linearization=linearization, axis_name=axis_name)
-    updates = extra_args_lib.given_gradient(updates)
+    updates = extra_args_lib.given_gradient("curveball", updates, params)
     # Curvature statistics (λ, ρ, β, γ) in at least float32, whatever the params' dtype.
     stat_dtype = jnp.promote_types(lin.loss_value.dtype, jnp.float32)
     scalar = lambda v: jnp.asarray(v, stat_dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from curvax import cvp
 from curvax import losses as losses_lib
@@ -79,15 +80,56 @@ def model_from(solver: str, *, predict_fn: Optional[Callable] = None, targets=No
   return predict_fn, targets
 
 
-def given_gradient(updates):
+_NOT_GIVEN = object()
+
+
+def given_gradient(solver, updates=_NOT_GIVEN, params=None):
   """The caller's gradient, or ``None`` when the solver should compute its own.
 
   ``None`` and empty pytrees both mean "compute it": ``flax.nnx.Optimizer.update(model,
-  None, ...)`` turns ``None`` into an empty ``nnx.State``.
+  None, ...)`` turns ``None`` into an empty ``nnx.State``. A gradient whose tree
+  structure or leaf shapes differ from ``params`` is refused with a ``ValueError`` that
+  names ``solver`` (jax's own error would come from deep inside the solver, and a
+  flattening solver could silently pair the wrong leaves).
+
+  Args:
+    solver: the solver's name, for the error message.
+    updates: the ``updates`` argument of the solver's ``update``.
+    params: the parameters the gradient must match.
+
+  The single-argument form ``given_gradient(updates)`` (no check) is kept for callers
+  not yet moved to this signature.
   """
+  if updates is _NOT_GIVEN:
+    solver, updates = None, solver
   if updates is None or not jax.tree.leaves(updates):
     return None
+  if solver is not None and params is not None:
+    check_matches_params(solver, updates, params)
   return updates
+
+
+def check_matches_params(solver: str, updates, params) -> None:
+  """Raise a ``ValueError`` unless ``updates`` has the structure and shapes of ``params``."""
+  updates_def, params_def = jax.tree.structure(updates), jax.tree.structure(params)
+  if updates_def != params_def:
+    raise ValueError(
+        f"{solver}: the gradient (updates) does not have the structure of params: "
+        f"updates is {_brief(updates_def)}, params is {_brief(params_def)}. Pass a "
+        "gradient of the same pytree as params (e.g. jax.grad of the loss with respect "
+        "to params), or None to let the solver compute it.")
+  for (path, p), g in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(updates)):
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(
+          f"{solver}: the gradient (updates) has shape {jnp.shape(g)} at "
+          f"{jax.tree_util.keystr(path)} where params has shape {jnp.shape(p)}. Pass a "
+          "gradient of the same pytree as params, or None to let the solver compute it.")
+
+
+def _brief(treedef, limit: int = 160) -> str:
+  text = str(treedef)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def objective(loss: "losses_lib.Loss | str", *,

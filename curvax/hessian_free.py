@@ -11,7 +11,9 @@ products of the shared CVP module (second_order_comparison.md §2.1, §3.3):
   the last while the true loss keeps decreasing;
 * Levenberg-Marquardt damping from the reduction ratio
   ``ρ = (f(w+δ) − f(w)) / (gᵀδ + ½δᵀCδ)``: ``λ·2/3`` if ``ρ > 3/4``, ``λ·3/2`` if
-  ``ρ < 1/4``;
+  ``ρ < 1/4``; a step is taken only if it lowers the batch loss, and a trial point with
+  a non-finite loss counts as ``ρ = −∞`` (refused, ``λ`` raised) — only a non-finite
+  loss or gradient at the current parameters skips the batch;
 * SHG: with ``curvature_batch=True`` the curvature comes from a separate (smaller) batch
   passed as ``curvature_predict_fn`` / ``curvature_targets`` extra arguments, while the
   gradient uses ``predict_fn`` / ``targets`` (the paper uses a sub-batch of 20%);
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvax import cg
@@ -36,7 +39,8 @@ from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
-from curvax._validation import check_fraction, check_positive
+from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
+                                check_positive, concrete_value, value_at)
 
 PyTree = Any
 
@@ -47,9 +51,10 @@ class HessianFreeState(NamedTuple):
   Attributes:
     direction: the last CG solution, warm start of the next solve.
     damping: ``λ``.
-    count: steps taken (finite batches only).
+    count: steps taken (batches with a finite loss and gradient; a refused step counts).
     loss: loss at the parameters the last finite step started from.
-    reduction_ratio: ``ρ`` of the last step.
+    reduction_ratio: ``ρ`` of the last step (``−∞`` when its trial loss was not finite:
+      the step was refused and ``λ`` raised).
     cg_iterations: CG iterations of the last step.
     num_skipped: batches skipped for non-finite values.
   """
@@ -62,15 +67,18 @@ class HessianFreeState(NamedTuple):
   num_skipped: jax.Array
 
 
-def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
-                 damping: float = 1.0, curvature: str = "ggn", max_cg_iters: int = 50,
-                 min_cg_iters: int = 10, cg_tol: float = 5e-4,
-                 warm_start_decay: float = 0.95, backtracking: bool = True,
-                 num_saved: int = 8, damping_factor: float = 2.0 / 3.0,
-                 min_damping: float = 1e-8, max_damping: float = 1e8,
-                 curvature_batch: bool = False, preconditioner: Optional[str] = None,
-                 preconditioner_exponent: float = 0.75, preconditioner_samples: int = 1,
-                 seed: int = 0,
+def hessian_free(loss: "losses_lib.Loss | str", *,
+                 learning_rate: ScalarOrSchedule = 1.0, damping: float = 1.0,
+                 curvature: str = "ggn", max_cg_iters: Optional[int] = None,
+                 min_cg_iters: int = 10, cg_tol: ScalarOrSchedule = 5e-4,
+                 warm_start_decay: ScalarOrSchedule = 0.95, backtracking: bool = True,
+                 num_saved: Optional[int] = None,
+                 damping_factor: ScalarOrSchedule = 2.0 / 3.0,
+                 min_damping: ScalarOrSchedule = 1e-8,
+                 max_damping: ScalarOrSchedule = 1e8, curvature_batch: bool = False,
+                 preconditioner: Optional[str] = None,
+                 preconditioner_exponent: float = 0.75,
+                 preconditioner_samples: Optional[int] = None, seed: int = 0,
                  axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Hessian-free as an optax transformation (see the module docstring).
 
@@ -79,50 +87,62 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
   Pass ``None`` as updates to take the gradient from the solver's own linearisation, or
   a gradient (e.g. over a larger batch) to use it instead.
 
+  Numeric hyperparameters may be Python, NumPy or 0-d JAX scalars, so
+  ``optax.inject_hyperparams(curvax.hessian_free)(loss=..., learning_rate=...)`` works;
+  those marked *schedulable* also accept an ``optax.Schedule``, evaluated at the
+  solver's step count ``state.count``. The integers that fix array shapes
+  (``max_cg_iters``, ``num_saved``, ``preconditioner_samples``) default to ``None`` so
+  that ``inject_hyperparams`` leaves them static; to set one under it, also pass it in
+  ``static_args``.
+
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
     learning_rate: scales the chosen CG iterate (a line search in the chain can take
-      over this role).
+      over this role); schedulable.
     damping: initial ``λ``.
     curvature: ``"ggn"`` (PSD, default) or ``"hessian"`` (exact; CG stops at the first
       direction of non-positive curvature).
-    max_cg_iters, min_cg_iters, cg_tol: CG limits and Martens' progress tolerance.
-    warm_start_decay: CG starts from ``decay · δ_prev`` (0 disables warm starts).
+    max_cg_iters: CG iteration limit (``None``: 50).
+    min_cg_iters, cg_tol: Martens' progress rule (``cg_tol`` schedulable).
+    warm_start_decay: CG starts from ``decay · δ_prev`` (0 disables warm starts);
+      schedulable.
     backtracking: choose among saved CG iterates by the true loss.
-    num_saved: how many CG iterates are kept for backtracking.
+    num_saved: how many CG iterates are kept for backtracking (``None``: 8).
     damping_factor: LM factor ``< 1`` (``λ·factor`` when ``ρ > 3/4``, ``λ/factor``
-      when ``ρ < 1/4``).
-    min_damping, max_damping: bounds for ``λ``.
+      when ``ρ < 1/4``); schedulable.
+    min_damping, max_damping: bounds for ``λ``; schedulable.
     curvature_batch: take curvature products on the ``curvature_predict_fn`` batch.
     preconditioner: ``None`` or ``"diagonal"`` (Hutchinson estimate of ``diag(C)``).
     preconditioner_exponent: ``ξ``.
-    preconditioner_samples: Rademacher probes per step for the diagonal.
+    preconditioner_samples: Rademacher probes per step for the diagonal (``None``: 1).
     seed: PRNG seed of the probes (folded with the step count).
     axis_name: data-parallel axis (``shard_map`` / ``pmap``); products, the loss and the
       backtracking / LM statistics are averaged over it (see :func:`curvax.linearize`).
       The diagonal preconditioner's probes are the same on every device.
   """
   loss = losses_lib.get(loss)
-  check_positive("learning_rate", learning_rate)
+  check_positive("learning_rate", learning_rate, schedule=True)
   check_positive("damping", damping)
-  check_fraction("damping_factor", damping_factor)
+  check_fraction("damping_factor", damping_factor, schedule=True)
   if curvature not in ("ggn", "hessian"):
     raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
-  if not 1 <= min_cg_iters <= max_cg_iters:
-    raise ValueError(f"need 1 <= min_cg_iters <= max_cg_iters, got min_cg_iters="
-                     f"{min_cg_iters}, max_cg_iters={max_cg_iters}.")
-  check_positive("cg_tol", cg_tol)
-  if not 0 <= warm_start_decay <= 1:
-    raise ValueError(f"warm_start_decay must lie in [0, 1], got {warm_start_decay}.")
-  if num_saved < 1:
-    raise ValueError(f"num_saved must be >= 1, got {num_saved}.")
-  if not 0 < min_damping <= damping <= max_damping:
-    raise ValueError(f"damping must lie in [min_damping, max_damping] with min_damping "
-                     f"> 0, got {damping} not in [{min_damping}, {max_damping}].")
+  max_cg_iters = static_int("max_cg_iters", max_cg_iters, 50)
+  num_saved = static_int("num_saved", num_saved, 8)
+  preconditioner_samples = static_int("preconditioner_samples", preconditioner_samples, 1)
+  check_in_range("min_cg_iters", min_cg_iters, 1, max_cg_iters)
+  check_positive("cg_tol", cg_tol, schedule=True)
+  check_in_range("warm_start_decay", warm_start_decay, 0, 1, schedule=True)
+  check_positive("min_damping", min_damping, schedule=True)
+  check_positive("max_damping", max_damping, schedule=True)
+  check_in_range("preconditioner_exponent", preconditioner_exponent, 0, 1)
+  low, initial, high = (concrete_value(v) for v in (min_damping, damping, max_damping))
+  below = low is not None and initial is not None and initial < low
+  above = high is not None and initial is not None and initial > high
+  if below or above:
+    raise ValueError(f"damping must lie in [min_damping, max_damping], got {damping} not "
+                     f"in [{min_damping}, {max_damping}].")
   if preconditioner not in (None, "diagonal"):
     raise ValueError(f"preconditioner must be None or 'diagonal', got {preconditioner!r}.")
-  if preconditioner_samples < 1:
-    raise ValueError(f"preconditioner_samples must be >= 1, got {preconditioner_samples}.")
 
   def init_fn(params):
     f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -147,8 +167,10 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
                            targets=curvature_targets, axis_name=axis_name)
     else:
       curv = lin
-    grad = extra_args_lib.given_gradient(updates)
+    grad = extra_args_lib.given_gradient("hessian_free", updates, params)
     grad = lin.grad() if grad is None else grad
+    at_count = lambda value: value_at(value, state.count)
+    lr = at_count(learning_rate)
     lam = state.damping.astype(lin.loss_value.dtype)
     product = curv.product(curvature)
     damped = lambda v: optax.tree.add_scale(product(v), lam, v)
@@ -161,32 +183,64 @@ def hessian_free(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0,
                            diagonal)
       precondition = lambda r: jax.tree.map(jnp.divide, r, scale)
 
-    x0 = optax.tree.scale(warm_start_decay, state.direction)
+    x0 = _scale(at_count(warm_start_decay), state.direction)
     solve = cg.conjugate_gradient(
         damped, optax.tree.scale(-1.0, grad), x0, max_iters=max_cg_iters,
-        min_iters=min_cg_iters, tol=cg_tol, preconditioner=precondition,
+        min_iters=min_cg_iters, tol=at_count(cg_tol), preconditioner=precondition,
         num_saved=num_saved if backtracking else 1)
 
-    loss_at = lambda delta: lin.loss_at(optax.tree.add_scale(params, learning_rate, delta))
+    def loss_at(delta):  # NaN counts as +inf, so backtracking walks back past it
+      value = lin.loss_at(optax.tree.add(params, _scale(lr, delta)))
+      return jnp.where(jnp.isnan(value), jnp.inf, value)
+
     step, new_loss = _backtrack(solve, loss_at)
     actual = new_loss - lin.loss_value
-    step = optax.tree.scale(learning_rate, step)
+    step = _scale(lr, step)
     predicted = optax.tree.vdot(grad, step) + 0.5 * optax.tree.vdot(step, product(step))
     ratio = quadratic.reduction_ratio(actual, predicted)
+    # A trial point whose loss (or model change) is not finite is the worst outcome, not a
+    # bad batch: the step is refused and λ raised as for ρ < 1/4. Skipping the batch
+    # instead would leave λ as it was, and the same step would fail again next time.
+    ratio = jnp.where(jnp.isfinite(ratio), ratio, -jnp.inf)
     new_damping = quadratic.levenberg_marquardt(
-        lam, ratio, factor=damping_factor, lower=0.25, upper=0.75,
-        min_damping=min_damping, max_damping=max_damping)
+        lam, ratio, factor=at_count(damping_factor), lower=0.25, upper=0.75,
+        min_damping=at_count(min_damping), max_damping=at_count(max_damping))
     # A step that does not decrease the loss on the batch is not taken.
-    step = optax.tree.where(actual < 0, step, optax.tree.zeros_like(step))
+    taken = jnp.isfinite(ratio) & (actual < 0)
+    step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
     new_state = HessianFreeState(
         direction=solve.x, damping=new_damping.astype(jnp.float32), count=state.count + 1,
         loss=lin.loss_value.astype(jnp.float32),
         reduction_ratio=ratio.astype(jnp.float32), cg_iterations=solve.iterations,
         num_skipped=state.num_skipped)
-    finite = nonfinite.all_finite(lin.loss_value, grad, solve.x, new_loss)
+    finite = nonfinite.all_finite(lin.loss_value, grad, solve.x)
     return nonfinite.guard(finite, step, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def static_int(name: str, value: Any, default: int) -> int:
+  """An integer hyperparameter that fixes array shapes or loop lengths, ``>= 1``.
+
+  ``None`` means ``default``; NumPy and concrete 0-d JAX integers are accepted; a traced
+  value (``optax.inject_hyperparams`` without ``static_args``) is refused with the fix.
+  """
+  if value is None:
+    return default
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    raise TypeError(f"{name} fixes array shapes and must be a concrete integer; under "
+                    f"optax.inject_hyperparams pass static_args=({name!r},).")
+  array = np.asarray(value)
+  if (isinstance(value, (bool, np.bool_)) or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer) or int(array) < 1):
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  return int(array)
+
+
+def _scale(scalar, tree):
+  """``scalar · tree`` in each leaf's dtype (as optax scales by a learning rate): an
+  array hyperparameter must not promote bfloat16 leaves."""
+  return jax.tree.map(lambda x: jnp.asarray(scalar, x.dtype) * x, tree)
 
 
 def _backtrack(solve: cg.CGResult, loss_at):

@@ -303,3 +303,39 @@ def test_hutchinson_diagonal_is_exact_for_diagonal_operators():
 def test_bad_configuration_names_the_argument(name, value):
   with pytest.raises(ValueError, match=name):
     curvax.hessian_free(LOSS, **{name: value})
+
+
+def test_non_finite_trial_loss_refuses_the_step_and_raises_damping():
+  """``f(w) = (log w − t)²``: the Gauss-Newton step ``δ = −g / (G + λ)`` overshoots
+  ``w = 1`` into ``w < 0`` (a NaN loss) until λ has grown enough. Each such step is
+  refused with λ raised by 3/2 (the batch is not skipped), so training goes on."""
+  with jax.enable_x64(True):
+    target, lam = -3.0, 1.0
+    params = {"w": jnp.ones((1,), jnp.float64)}
+    predict = lambda p: jnp.broadcast_to(jnp.log(p["w"]), (4, 1))
+    targets = jnp.full((4, 1), target)
+    tx = curvax.hessian_free("squared_error", damping=lam, min_cg_iters=1)
+    step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=predict, targets=targets))
+    state, w, refused = tx.init(params), 1.0, 0
+    for t in range(6):
+      updates, state = step(params, state)
+      residual = math.log(w) - target
+      grad, ggn = 2 * residual / w, 2 / w ** 2
+      delta = -grad / (ggn + lam)
+      assert int(state.count) == t + 1 and int(state.num_skipped) == 0
+      if w + delta <= 0:
+        refused += 1
+        assert float(updates["w"][0]) == 0.0
+        assert float(state.reduction_ratio) == -np.inf
+        lam *= 1.5
+      else:
+        np.testing.assert_allclose(float(updates["w"][0]), delta, rtol=1e-10)
+        actual = (math.log(w + delta) - target) ** 2 - residual ** 2
+        ratio = actual / (grad * delta + 0.5 * ggn * delta ** 2)
+        np.testing.assert_allclose(float(state.reduction_ratio), ratio, rtol=1e-5)
+        lam = _lm(lam, ratio)
+        w += delta
+      np.testing.assert_allclose(float(state.damping), lam, rtol=1e-6)
+      lam = float(state.damping)
+      params = optax.apply_updates(params, updates)
+    assert refused == 5 and w > 0.1, (refused, w)
