@@ -20,6 +20,7 @@ the direction otherwise.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -32,7 +33,9 @@ from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import pairs
-from curvax._validation import check_positive
+from curvax._validation import (ScalarOrSchedule, check_in_range, check_positive,
+                                value_at)
+from curvax.hessian_free import static_int
 
 PyTree = Any
 
@@ -59,51 +62,71 @@ class QuasiNewtonState(NamedTuple):
   num_skipped: jax.Array
 
 
-def sqn(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
-        pair_period: int = 10, curvature: str = "ggn", curvature_batch: bool = False,
+def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
+        memory: Optional[int] = None, pair_period: Optional[int] = None,
+        curvature: str = "ggn", curvature_batch: bool = False,
         min_curvature: float = 1e-10,
         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Stochastic L-BFGS with CVP curvature pairs at averaged iterates (Byrd et al. 2016).
 
+  Numeric hyperparameters may be Python, NumPy or 0-d JAX scalars (so
+  ``optax.inject_hyperparams(curvax.sqn)(loss=..., learning_rate=...)`` works);
+  ``memory`` and ``pair_period`` fix shapes and the pair schedule, so they default to
+  ``None`` and are set under ``inject_hyperparams`` only with ``static_args``.
+
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
-    learning_rate: scales ``−H g`` (use a line search in the chain to choose it).
-    memory: number of pairs kept.
-    pair_period: ``L``, steps per averaging window and between pairs.
+    learning_rate: scales ``−H g`` (use a line search in the chain to choose it); also an
+      ``optax.Schedule``, evaluated at ``state.count``.
+    memory: number of pairs kept (``None``: 10).
+    pair_period: ``L``, steps per averaging window and between pairs (``None``: 10).
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
     curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
     min_curvature: pairs with ``sᵀy ≤ min_curvature · sᵀs`` are dropped.
     axis_name: data-parallel axis (``shard_map`` / ``pmap``); products and the loss are
       averaged over it (see :func:`curvax.linearize`).
   """
-  def accept(store, s, y):
-    return jnp.vdot(s, y) > min_curvature * jnp.vdot(s, s)
+  check_in_range("min_curvature", min_curvature, 0, math.inf)
 
+  def accept(store, s, y):
+    return jnp.vdot(s, y) > jnp.asarray(min_curvature, s.dtype) * jnp.vdot(s, s)
+
+  memory = static_int("memory", memory, 10)
+  pair_period = static_int("pair_period", pair_period, 10)
   return _quasi_newton("sqn", loss, learning_rate, memory, pair_period, curvature,
                        curvature_batch, pairs.lbfgs_inverse_product, accept,
                        average_iterates=True, descent_fallback=False, axis_name=axis_name)
 
 
-def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: float = 1.0, memory: int = 10,
-         pair_period: int = 1, curvature: str = "ggn", curvature_batch: bool = False,
+def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
+         memory: Optional[int] = None, pair_period: Optional[int] = None,
+         curvature: str = "ggn", curvature_batch: bool = False,
          skip_tolerance: float = 1e-8,
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Limited-memory SR1 with CVP curvature pairs and the standard skipping rule.
 
+  Hyperparameters as in :func:`sqn` (arrays, a ``learning_rate`` schedule, static
+  ``memory`` / ``pair_period``).
+
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
-    learning_rate: scales the direction (use a line search in the chain to choose it).
-    memory: number of pairs kept.
-    pair_period: steps between pairs (``s`` spans them).
+    learning_rate: scales the direction (use a line search in the chain to choose it);
+      also an ``optax.Schedule``, evaluated at ``state.count``.
+    memory: number of pairs kept (``None``: 10).
+    pair_period: steps between pairs, ``s`` spans them (``None``: 1).
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
     curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
     skip_tolerance: ``r`` of the skipping rule ``|yᵀ(s − Hy)| ≥ r‖y‖‖s − Hy‖``.
     axis_name: data-parallel axis (``shard_map`` / ``pmap``); products and the loss are
       averaged over it (see :func:`curvax.linearize`).
   """
+  check_in_range("skip_tolerance", skip_tolerance, 0, 1)
+
   def accept(store, s, y):
     return pairs.sr1_accepts(store, s, y, skip_tolerance)
 
+  memory = static_int("memory", memory, 10)
+  pair_period = static_int("pair_period", pair_period, 1)
   return _quasi_newton("lsr1", loss, learning_rate, memory, pair_period, curvature,
                        curvature_batch, pairs.sr1_inverse_product, accept,
                        average_iterates=False, descent_fallback=True, axis_name=axis_name)
@@ -115,10 +138,7 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
                   descent_fallback: bool,
                   axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
   loss = losses_lib.get(loss)
-  check_positive("learning_rate", learning_rate)
-  for arg, value in (("memory", memory), ("pair_period", pair_period)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}.")
+  check_positive("learning_rate", learning_rate, schedule=True)
   if curvature not in ("ggn", "hessian"):
     raise ValueError(f"{name}: curvature must be 'ggn' or 'hessian', got {curvature!r}.")
 
@@ -144,7 +164,7 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     # Pairs, iterates and directions live in at least float32 (bfloat16 params).
     flat = _wide(param_flat)
     unravel = lambda v: param_unravel(v.astype(param_flat.dtype))
-    grad = extra_args_lib.given_gradient(updates)
+    grad = extra_args_lib.given_gradient(name, updates, params)
     grad = lin.grad() if grad is None else grad
     g = _wide(ravel_pytree(grad)[0])
 
@@ -186,7 +206,8 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     if descent_fallback:
       direction = jnp.where(jnp.vdot(g, direction) < 0, direction, -g)
     direction = jnp.where(store.count > 0, direction, -g)
-    step = unravel(learning_rate * direction)
+    lr = value_at(learning_rate, state.count)
+    step = unravel(jnp.asarray(lr, direction.dtype) * direction)
     new_state = QuasiNewtonState(
         pairs=store, anchor=anchor,
         window_sum=jnp.where(window_done, jnp.zeros_like(window_sum), window_sum),
