@@ -284,3 +284,89 @@ def test_missing_curvature_batch_arguments_raise(solver):
 def test_bad_configuration_names_the_argument(solver, name, value):
   with pytest.raises(ValueError, match=name):
     getattr(curvax, solver)(LOSS, **{name: value})
+
+
+SCHEDULES = {
+    "hessian_free": dict(learning_rate=lambda c: 0.5 + 0.2 * c,
+                         warm_start_decay=lambda c: 0.9 - 0.2 * c,
+                         damping_factor=lambda c: 0.5 + 0.1 * c,
+                         max_damping=lambda c: 10.0 - c),
+    "sqn": dict(learning_rate=lambda c: 0.3 / (1.0 + c)),
+    "lsr1": dict(learning_rate=lambda c: 0.3 / (1.0 + c)),
+}
+STATIC = {"hessian_free": dict(max_cg_iters=3, min_cg_iters=1), "sqn": dict(pair_period=2),
+          "lsr1": dict()}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedules_equal_constants_stepped_by_hand_and_inject_hyperparams(name):
+  """Hyperparameter schedules passed to the solver (evaluated at its step count) against
+  the same values passed as constants step by step (as traced arrays into one jitted
+  step), and for Hessian-free ``optax.inject_hyperparams`` with the schedules."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp()
+    factory, schedules, static = getattr(curvax, name), SCHEDULES[name], STATIC[name]
+    predict = problem.predict_fn()
+
+    def run(tx, hyperparams=lambda k: {}):
+      @jax.jit
+      def step(params, state, values):
+        tx_now = tx(**values) if callable(tx) else tx
+        updates, state = tx_now.update(None, state, params, predict_fn=predict,
+                                       targets=problem.y)
+        return optax.apply_updates(params, updates), state
+
+      init = tx(**hyperparams(0)) if callable(tx) else tx
+      params, state = problem.params, init.init(problem.params)
+      for k in range(4):
+        params, state = step(params, state, hyperparams(k))
+      return params, state
+
+    scheduled, scheduled_state = run(factory(LOSS, **schedules, **static))
+    by_hand, hand_state = run(
+        lambda **values: factory(LOSS, **values, **static),
+        lambda k: {key: jnp.asarray(f(k)) for key, f in schedules.items()})
+    np.testing.assert_allclose(ref.flat(scheduled), ref.flat(by_hand), rtol=1e-12)
+    states = [scheduled_state]
+    if name == "hessian_free":  # the same mechanism for the quasi-Newton solvers
+      injected, injected_state = run(optax.inject_hyperparams(
+          factory, static_args=tuple(static))(loss=LOSS, **schedules, **static))
+      np.testing.assert_allclose(ref.flat(injected), ref.flat(by_hand), rtol=1e-12)
+      states.append(injected_state.inner_state)
+    for state in states:
+      for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(hand_state)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("hessian_free", dict(learning_rate=np.float32(0.5), damping=jnp.asarray(2.0),
+                          damping_factor=np.float64(0.5), cg_tol=np.float32(1e-3),
+                          min_cg_iters=np.int64(3), max_cg_iters=np.int32(8))),
+    ("sqn", dict(learning_rate=np.float32(0.5), min_curvature=np.float32(0.0),
+                 memory=np.int64(4))),
+    ("lsr1", dict(learning_rate=jnp.asarray(0.5), skip_tolerance=np.float32(1e-6))),
+])
+def test_numpy_and_jax_scalar_hyperparameters_are_accepted(name, kwargs):
+  getattr(curvax, name)(LOSS, **kwargs).init(ref.tiny_mlp(jnp.float32).params)
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("hessian_free", dict(damping_factor=np.float32(1.5)), "damping_factor"),
+    ("hessian_free", dict(damping=np.float32(10.0), max_damping=np.float32(1.0)),
+     "damping"),
+    ("hessian_free", dict(num_saved=np.float32(2.0)), "num_saved"),
+    ("sqn", dict(learning_rate=jnp.asarray(-1.0)), "learning_rate"),
+    ("lsr1", dict(skip_tolerance=np.float32(2.0)), "skip_tolerance"),
+])
+def test_array_hyperparameters_are_validated(name, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    getattr(curvax, name)(LOSS, **kwargs)
+
+
+def test_shape_fixing_integers_under_inject_hyperparams_need_static_args():
+  tx = optax.inject_hyperparams(curvax.hessian_free)(loss=LOSS, max_cg_iters=12)
+  problem = ref.tiny_mlp(jnp.float32)
+  state = tx.init(problem.params)
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=problem.predict_fn(),
+                                   targets=problem.y))(problem.params, state)
