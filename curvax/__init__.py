@@ -11,7 +11,7 @@ from curvax import quadratic
 from curvax.averaging import PolyakState, averaged_params, polyak
 from curvax.curveball import CurveBallState, curveball
 from curvax.cvp import Linearization, linearize, sharpness, top_eigenvalue
-from curvax.extra_args import objective
+from curvax.extra_args import objective, without_weak_types
 from curvax.hessian_free import HessianFreeState, hessian_free
 from curvax.kfac import KFACState, kfac, kflr, kfra
 from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
@@ -19,6 +19,7 @@ from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
 __all__ = [
     "averaging", "cg", "cvp", "damping", "kron", "losses", "pairs", "quadratic",
     "Linearization", "linearize", "sharpness", "top_eigenvalue", "objective",
+    "without_weak_types",
     "CurveBallState", "curveball",
     "HessianFreeState", "hessian_free",
     "KFACState", "kfac", "kflr", "kfra",

@@ -12,7 +12,8 @@ current batch. It is given either as
 pass the ones they do not use to their ``value_fn``, which must name them.
 :func:`objective` builds that ``value_fn``, so
 ``optax.chain(curvax.<solver>(loss), optax.scale_by_backtracking_linesearch(...))``
-works with ``value_fn=curvax.objective(loss)``.
+works with ``value_fn=curvax.objective(loss)``; pass the chain's initial state through
+:func:`without_weak_types` so that a jitted step compiles once.
 """
 
 from __future__ import annotations
@@ -136,6 +137,16 @@ def objective(loss: "losses_lib.Loss | str", *,
               axis_name: Optional[str] = None) -> Callable[..., jax.Array]:
   """``value_fn(params, predict_fn=None, targets=None, linearization=None, ...)``.
 
+  Recipe (a line search after any curvax solver)::
+
+    tx = optax.chain(curvax.hessian_free(loss),
+                     optax.scale_by_backtracking_linesearch(max_backtracking_steps=15))
+    state = curvax.without_weak_types(tx.init(params))  # else step 2 recompiles
+    value_fn = curvax.objective(loss)
+    value, grad = jax.value_and_grad(value_fn)(params, predict_fn=f, targets=y)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                               value_fn=value_fn, predict_fn=f, targets=y)
+
   The ``value_fn`` optax's line searches need. Evaluates ``loss(predict_fn(params),
   targets)``; with ``linearization`` it uses the network and targets stored in it
   (auxiliary outputs dropped). With ``axis_name`` the value is averaged over that
@@ -155,3 +166,12 @@ def objective(loss: "losses_lib.Loss | str", *,
   return value_fn
 
 
+def without_weak_types(tree):
+  """``tree`` with every leaf a strongly typed JAX array of the same dtype.
+
+  ``optax.scale_by_backtracking_linesearch`` initialises its step counter as a weakly
+  typed integer and returns it strongly typed, so a jitted step fed its own output
+  state sees a new input type at step 2 and compiles again (seconds for a curvax
+  solver). Apply this to the initial state: ``state = without_weak_types(tx.init(params))``.
+  """
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), tree)

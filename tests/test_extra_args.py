@@ -1,6 +1,9 @@
-"""The extra-argument helpers shared by the solvers: the gradient check."""
+"""The extra-argument helpers shared by the solvers: the gradient check, and a
+line-search chain that compiles once."""
 
+import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import curvax
@@ -42,3 +45,27 @@ def test_empty_or_none_gradient_means_compute_it():
   assert given("hessian_free", None, params) is None
   assert given("hessian_free", {}, params) is None
   assert given("hessian_free", params, params) is params
+
+
+def test_line_search_chain_compiles_once_from_a_strongly_typed_state():
+  problem = ref.tiny_mlp(jnp.float32)
+  loss = curvax.losses.get(LOSS)
+  tx = optax.chain(curvax.lsr1(loss),
+                   optax.scale_by_backtracking_linesearch(max_backtracking_steps=15))
+  value_fn, predict, traces = curvax.objective(loss), problem.predict_fn(), []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    value, grad = jax.value_and_grad(value_fn)(params, predict_fn=predict,
+                                               targets=problem.y)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                               value_fn=value_fn, predict_fn=predict, targets=problem.y)
+    return optax.apply_updates(params, updates), state
+
+  params, state = problem.params, curvax.without_weak_types(tx.init(problem.params))
+  for leaf, original in zip(jax.tree.leaves(state), jax.tree.leaves(tx.init(params))):
+    assert leaf.dtype == original.dtype and not leaf.weak_type
+  for _ in range(3):
+    params, state = step(params, state)
+  assert len(traces) == 1
