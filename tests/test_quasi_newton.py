@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 import curvax
 from tests import dense_reference as ref
+from tests import test_reliability as rel
 
 LOSS = "softmax_cross_entropy"
 
@@ -370,3 +371,20 @@ def test_shape_fixing_integers_under_inject_hyperparams_need_static_args():
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=problem.predict_fn(),
                                    targets=problem.y))(problem.params, state)
+
+
+@pytest.mark.parametrize("name", ["hessian_free", "sqn", "lsr1"])
+def test_float16_parameters_train_without_nan(name):
+  """``tests/test_reliability.py``'s bfloat16 check in float16 (narrower range, finer
+  mantissa), on the same shared jitted steps."""
+  tx, step = rel.solver(name)
+  params = rel.init_params(jnp.float16)
+  x0, y0 = rel.batch(0)
+  x0 = x0.astype(jnp.float16)
+  value = lambda p: float(curvax.losses.get(LOSS).value(rel.predict(p, x0), y0))
+  first, state = value(params), tx.init(params)
+  for _ in range(rel.STEPS):
+    params, state = step(params, state, x0, y0)
+  assert all(leaf.dtype == jnp.float16 for leaf in jax.tree.leaves(params))
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+  assert int(state.num_skipped) == 0 and value(params) < first

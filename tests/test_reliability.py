@@ -1,5 +1,5 @@
-"""One reliability suite for every solver: checkpointing, determinism, retracing,
-non-finite batches, bfloat16 parameters.
+"""One reliability suite for every solver: determinism, retracing, non-finite batches,
+bfloat16 parameters (checkpoints: ``tests/test_checkpoints.py``, on the same runs).
 
 Each solver trains a tiny tanh MLP on fixed synthetic batches; the references are the
 same solver's own uninterrupted run (bit-for-bit on CPU) or first principles.
@@ -7,7 +7,6 @@ same solver's own uninterrupted run (bit-for-bit on CPU) or first principles.
 
 import functools
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,35 +78,6 @@ def assert_trees_equal(a, b):
 
 
 solver_names = pytest.mark.parametrize("name", list(SOLVERS))
-
-
-@solver_names
-def test_resume_from_bytes_reproduces_the_uninterrupted_run(name):
-  tx, step = solver(name)
-  params = init_params()
-  full = train(step, params, tx.init(params), 0, STEPS)
-  mid_params, mid_state = train(step, params, tx.init(params), 0, STEPS // 2)
-  blob = flax.serialization.to_bytes((mid_params, mid_state))
-  template = (init_params(), tx.init(init_params()))
-  restored = flax.serialization.from_bytes(template, blob)
-  resumed = train(step, *restored, STEPS // 2, STEPS)
-  assert_trees_equal(resumed, full)
-
-
-@pytest.mark.parametrize("name", ["curveball", "hessian_free", "lsr1"])
-def test_resume_from_an_orbax_checkpoint_reproduces_the_uninterrupted_run(name, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
-  tx, step = solver(name)
-  params = init_params()
-  full = train(step, params, tx.init(params), 0, STEPS)
-  mid = train(step, params, tx.init(params), 0, STEPS // 2)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "ckpt", mid)
-    checkpointer.wait_until_finished()
-    restored = checkpointer.restore(tmp_path / "ckpt", target=mid)
-  restored = jax.tree.unflatten(jax.tree.structure(mid), jax.tree.leaves(restored))
-  resumed = train(step, *restored, STEPS // 2, STEPS)
-  assert_trees_equal(resumed, full)
 
 
 @solver_names
