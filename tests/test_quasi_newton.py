@@ -61,17 +61,19 @@ def _sr1_inverse(s_list, y_list, n):
   return h
 
 
-def test_sqn_pairs_are_averaged_iterate_differences_times_curvature():
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_sqn_pairs_are_averaged_iterate_differences_times_curvature(curvature):
+  """With the exact Hessian a pair of negative curvature comes up and is not stored."""
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
     period, lr = 2, 0.3
     tx = curvax.sqn(LOSS, learning_rate=lr, memory=5, pair_period=period,
-                    curvature_batch=True)
+                    curvature=curvature, curvature_batch=True)
     step = _stepper(tx, curvature_batch=True)
     params, state = problem.params, tx.init(problem.params)
     w0, unravel = ravel_pytree(params)
     n = w0.size
-    seen, s_ref, y_ref = [], [], []
+    seen, s_ref, y_ref, dropped = [], [], [], 0
     for t, (x, y, cx, cy) in enumerate(_batches(7)):
       seen.append(np.asarray(ravel_pytree(params)[0]))
       updates, state = step(params, state, x, y, cx, cy)
@@ -79,55 +81,71 @@ def test_sqn_pairs_are_averaged_iterate_differences_times_curvature():
         average = np.mean(seen[-period:], axis=0)
         previous = np.mean(seen[-2 * period:-period], axis=0)
         s = average - previous
-        ggn = ref.mlp_dense(unravel(jnp.asarray(average)), cx, cy).ggn
-        s_ref.append(s)
-        y_ref.append(ggn @ s)
+        dense = ref.mlp_dense(unravel(jnp.asarray(average)), cx, cy)
+        y_pair = getattr(dense, curvature) @ s
+        if s @ y_pair > 1e-10 * (s @ s):
+          s_ref.append(s)
+          y_ref.append(y_pair)
+        else:
+          dropped += 1
       grad = ref.mlp_dense(params, x, y).grad
       expected = -lr * _bfgs_inverse(s_ref, y_ref, n) @ grad
       np.testing.assert_allclose(ref.flat(updates), expected, rtol=1e-7, atol=1e-12,
                                  err_msg=f"step {t}")
       params = optax.apply_updates(params, updates)
-    assert len(s_ref) == 2 and int(state.pairs.count) == 2
-    np.testing.assert_allclose(np.asarray(state.pairs.s[-2:]), np.stack(s_ref), rtol=1e-9,
+    assert dropped == (curvature == "hessian"), dropped
+    assert len(s_ref) == 2 - dropped and int(state.pairs.count) == len(s_ref)
+    n = len(s_ref)
+    np.testing.assert_allclose(np.asarray(state.pairs.s[-n:]), np.stack(s_ref), rtol=1e-9,
                                atol=1e-14)
-    np.testing.assert_allclose(np.asarray(state.pairs.y[-2:]), np.stack(y_ref), rtol=1e-7,
+    np.testing.assert_allclose(np.asarray(state.pairs.y[-n:]), np.stack(y_ref), rtol=1e-7,
                                atol=1e-14)
 
 
-def test_lsr1_pairs_skipping_and_direction_match_dense_recursion():
-  """``s = w_t − w_{t−1}``, ``y = G(w_t) s`` on the step's batch; a strict skipping
-  tolerance makes both outcomes of the rule occur."""
+@pytest.mark.parametrize("curvature,period,tolerance", [("ggn", 1, 0.3),
+                                                        ("hessian", 2, 0.1)])
+def test_lsr1_pairs_skipping_and_direction_match_dense_recursion(curvature, period,
+                                                                 tolerance):
+  """``s = w_t − w_anchor`` (the iterate at the previous pair, ``period`` steps back),
+  ``y = C(w_t) s`` on the step's batch; a strict skipping tolerance makes both outcomes
+  of the rule occur, and the (indefinite) SR1 direction goes uphill at least once, so
+  the step falls back to ``−g``."""
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
-    tolerance, lr = 0.3, 0.5
-    tx = curvax.lsr1(LOSS, learning_rate=lr, memory=4, skip_tolerance=tolerance)
+    lr = 0.5
+    tx = curvax.lsr1(LOSS, learning_rate=lr, memory=4, skip_tolerance=tolerance,
+                     curvature=curvature, pair_period=period)
     step = _stepper(tx, curvature_batch=False)
     params, state = problem.params, tx.init(problem.params)
     _, unravel = ravel_pytree(params)
-    s_ref, y_ref, outcomes, previous = [], [], [], None
+    s_ref, y_ref, outcomes, fallbacks = [], [], [], 0
+    previous = np.asarray(ravel_pytree(params)[0])
     for t, (x, y, cx, cy) in enumerate(_batches(12, seed=2)):
       w = np.asarray(ravel_pytree(params)[0])
       dense = ref.mlp_dense(params, x, y)
       n = w.size
-      if previous is not None:
+      if (t + 1) % period == 0 and t >= 1:
         s = w - previous
-        y_pair = dense.ggn @ s
+        y_pair = getattr(dense, curvature) @ s
         residual = s - _sr1_inverse(s_ref, y_ref, n) @ y_pair
         lhs = abs(y_pair @ residual)
         accept = lhs >= tolerance * np.linalg.norm(y_pair) * np.linalg.norm(residual)
         outcomes.append(bool(accept))
         if accept:
           s_ref, y_ref = (s_ref + [s])[-4:], (y_ref + [y_pair])[-4:]
-      previous = w
+      if (t + 1) % period == 0:
+        previous = w
       updates, state = step(params, state, x, y, cx, cy)
       assert int(state.pairs.count) == len(s_ref), f"step {t}"
       direction = -_sr1_inverse(s_ref, y_ref, n) @ dense.grad
       if direction @ dense.grad >= 0:
         direction = -dense.grad
+        fallbacks += bool(s_ref)
       np.testing.assert_allclose(ref.flat(updates), lr * direction, rtol=1e-6, atol=1e-10,
                                  err_msg=f"step {t}")
       params = optax.apply_updates(params, updates)
     assert True in outcomes and False in outcomes
+    assert fallbacks > 0, "the −g fallback must be exercised"
     np.testing.assert_allclose(np.asarray(state.pairs.s[-len(s_ref):]), np.stack(s_ref),
                                rtol=1e-9, atol=1e-14)
 
@@ -247,7 +265,7 @@ def test_shg_with_line_search_and_curvature_batch():
 
 
 @pytest.mark.parametrize("solver", ["sqn", "lsr1"])
-def test_non_finite_batch_is_skipped_and_steps_do_not_retrace(solver):
+def test_non_finite_batch_is_skipped_and_shifts_the_pair_schedule(solver):
   problem = ref.tiny_mlp(jnp.float32)
   tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, memory=3, pair_period=2)
   traces = []
@@ -261,12 +279,23 @@ def test_non_finite_batch_is_skipped_and_steps_do_not_retrace(solver):
     return optax.apply_updates(params, updates), updates, state
 
   params, state = problem.params, tx.init(problem.params)
+  history = []
   for i in range(6):  # crosses three pair collections
     params, _, state = step(params, state, problem.x + 0.01 * i)
+    history.append((params, state))
   assert int(state.pairs.count) >= 1
+  # A bad batch in the middle of a window (count 5, windows end at 2, 4, 6) is not
+  # counted: the window, and the pair that closes it, end one batch later.
+  params, state = history[4]
   new_params, updates, new_state = step(params, state, problem.x.at[1, 2].set(jnp.inf))
   assert len(traces) == 1
   ref.assert_batch_skipped(new_params, updates, new_state, params, state)
+  after_params, _, after = step(new_params, new_state, problem.x + 0.05)
+  assert int(after.num_windows) == int(state.num_windows) + 1
+  ref_params, ref_state = history[5]
+  for got, want in zip(jax.tree.leaves((after_params, after._replace(num_skipped=0))),
+                       jax.tree.leaves((ref_params, ref_state))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("solver", ["sqn", "lsr1"])
