@@ -61,6 +61,10 @@ def best_candidate(values: Array) -> Array:
   return jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
 
 
-def period_factor(period: int, base: float = 0.95) -> float:
-  """``base^period``: the paper's ``ω_τ = 0.95^{T_τ}`` and ``ω_γ = 0.95^{T_γ}``."""
-  return base ** max(period, 1)
+def period_factor(period, base: float = 0.95):
+  """``base^period``: the paper's ``ω_τ = 0.95^{T_τ}`` and ``ω_γ = 0.95^{T_γ}`` (a
+  period of 0, a disabled rule, counts as 1). A Python float for a Python or NumPy
+  period, an array for a JAX one (e.g. injected by ``optax.inject_hyperparams``)."""
+  if isinstance(period, jax.Array):
+    return base ** jnp.maximum(period, 1).astype(jnp.float32)
+  return base ** max(int(period), 1)

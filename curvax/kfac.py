@@ -46,10 +46,14 @@ Deviations and choices (see also the README):
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvax import damping as damping_lib
@@ -58,7 +62,8 @@ from curvax import kron
 from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
-from curvax._validation import check_fraction, check_positive
+from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
+                                check_positive, concrete_value, value_at)
 from curvax.kron import state as kron_state
 
 PyTree = Any
@@ -71,18 +76,31 @@ class KFACState(NamedTuple):
     factors: moving averages of ``Q̃``, ``𝒢̃`` and the fallback diagonals, per leaf.
     inverse: the damped inverses of the factors for the current ``γ``, refreshed
       every ``inverse_period`` steps and on γ-rule steps.
-    velocity: the previous step ``δ*`` (``momentum=True``; ``None`` otherwise).
+    velocity: the last step applied to the parameters (``momentum=True``; ``None``
+      otherwise), in the parameters' dtypes.
     gamma: ``γ``, the damping of the approximate curvature (App. C.3.2).
     tau: ``τ``, the damping of the full-GGN quadratic model (App. C.3.1).
-    count: steps taken (finite batches only).
+    count: batches processed (finite batches only); the periodic rules and the
+      schedules run on it.
     loss: the loss at the parameters the step started from (free: from its own
       forward pass; without the L2 term).
-    alpha, mu: the coefficients of ``δ̃`` and ``δ_prev`` in the last step.
-    reduction_ratio: the last ``ρ`` of the τ rule (NaN before the first).
+    alpha, mu: the coefficients of ``δ̃`` and ``δ_prev`` in the last step computed.
+    reduction_ratio: the last ``ρ`` of the τ rule (NaN before the first; ``−∞`` for a
+      rejected step).
     num_skipped: batches whose loss, factors or step were not finite; such a batch
-      leaves parameters and every other field unchanged, except that on an
-      inverse-refresh step the freshly computed inverses may stay (the count does not
-      advance, so the next step computes them again before they are used).
+      leaves parameters and every other field unchanged (so every periodic schedule —
+      τ rule, γ rule, inverse refreshes, hyperparameter schedules — runs one batch
+      later), except that on an inverse-refresh step the freshly computed inverses may
+      stay (the count does not advance, so the next step computes them again before
+      they are used).
+    num_rejected: steps rejected by the τ rule because the loss at ``θ + δ*`` was not
+      finite. A rejected step is a processed batch whose step is not taken: the update
+      is zero; ``τ`` grows as for ``ρ < 0.75`` (``τ/ω_τ``, clipped) and ``ρ`` is
+      recorded as ``−∞``; ``velocity`` keeps the last step actually applied (the next
+      2×2 solve re-fits ``μ`` under the larger ``τ``; a zero velocity would drop the
+      momentum direction); everything else — the count, the factors (the batch was
+      finite), the inverses, ``γ`` (chosen on the quadratic model, which was finite),
+      ``loss``, ``alpha`` and ``mu`` — advances as on an accepted step.
   """
   factors: kron_state.Factors
   inverse: kron_state.Inverse
@@ -95,16 +113,51 @@ class KFACState(NamedTuple):
   mu: jax.Array
   reduction_ratio: jax.Array
   num_skipped: jax.Array
+  num_rejected: jax.Array
+
+
+def _check_integer(solver: str, name: str, value: Any, least: int) -> Optional[int]:
+  """An integer hyperparameter ``>= least``: a Python/NumPy integer or an integer JAX
+  scalar (``optax.inject_hyperparams`` turns integers into arrays). Returns its value,
+  or ``None`` when it is traced."""
+  if isinstance(value, (bool, np.bool_)) or callable(value):
+    raise TypeError(f"{solver}: {name} must be an integer, got {value!r}.")
+  dtype = getattr(value, "dtype", None)
+  integral = (isinstance(value, (int, np.integer)) if dtype is None
+              else jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0)
+  if not integral:
+    raise TypeError(f"{solver}: {name} must be an integer, got {value!r}.")
+  number = concrete_value(value)
+  if number is None:
+    return None
+  if number < least:
+    disabled = " (0 disables the rule)" if least == 0 else ""
+    raise ValueError(f"{solver}: {name} must be an integer >= {least}{disabled}, got "
+                     f"{value!r}.")
+  return int(number)
+
+
+def _due(count: jax.Array, period: Any) -> Union[bool, jax.Array]:
+  """Whether a rule with this period runs at ``count`` (``count % period == 0``; a
+  period of 0 never). ``False`` (a Python bool) when that is known at trace time."""
+  known = concrete_value(period)
+  if known == 0:
+    return False
+  if known is not None:
+    return count % int(known) == 0
+  return (period > 0) & (count % jnp.maximum(period, 1) == 0)
 
 
 def kronecker_factored(loss: "losses_lib.Loss | str",
                        estimator: Callable[[kron.Capture, jax.Array], kron.Estimate], *,
-                       name: str = "kronecker_factored", learning_rate: float = 1.0,
-                       gamma: float = 1e-2, tau: float = 1e-2, weight_decay: float = 0.0,
-                       factor_decay: float = 0.9, inverse_period: int = 1,
+                       name: str = "kronecker_factored",
+                       learning_rate: ScalarOrSchedule = 1.0, gamma: float = 1e-2,
+                       tau: float = 1e-2, weight_decay: ScalarOrSchedule = 0.0,
+                       factor_decay: ScalarOrSchedule = 0.9, inverse_period: int = 1,
                        tau_period: int = 5, tau_factor: Optional[float] = None,
                        gamma_period: int = 20, gamma_factor: Optional[float] = None,
-                       min_damping: float = 1e-8, max_damping: float = 1e8,
+                       min_damping: ScalarOrSchedule = 1e-8,
+                       max_damping: ScalarOrSchedule = 1e8,
                        momentum: bool = False, fallback: str = "diagonal",
                        max_factor_dim: Optional[int] = 4096, seed: int = 0,
                        axis_name: Optional[str] = None
@@ -115,42 +168,63 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
   :func:`kfac` for the other arguments.
   """
   loss = losses_lib.get(loss)
-  check_positive("learning_rate", learning_rate)
-  check_positive("gamma", gamma)
-  check_positive("tau", tau)
-  if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-  if not 0 <= factor_decay < 1:
-    raise ValueError(f"factor_decay must lie in [0, 1), got {factor_decay!r}.")
-  for arg, value, least in (("inverse_period", inverse_period, 1),
-                            ("tau_period", tau_period, 0),
-                            ("gamma_period", gamma_period, 0)):
-    if not isinstance(value, int) or value < least:
-      raise ValueError(f"{arg} must be an integer >= {least}"
-                       f"{' (0 disables the rule)' if least == 0 else ''}, got {value!r}.")
+  label = lambda arg: f"{name}: {arg}"
+  check_positive(label("learning_rate"), learning_rate, schedule=True)
+  check_positive(label("gamma"), gamma)
+  check_positive(label("tau"), tau)
+  check_in_range(label("weight_decay"), weight_decay, 0.0, math.inf, schedule=True)
+  check_in_range(label("factor_decay"), factor_decay, 0.0, 1.0, schedule=True)
+  if concrete_value(factor_decay) == 1.0:
+    raise ValueError(f"{name}: factor_decay must lie in [0, 1), got {factor_decay!r}.")
+  _check_integer(name, "inverse_period", inverse_period, 1)
+  _check_integer(name, "tau_period", tau_period, 0)
+  _check_integer(name, "gamma_period", gamma_period, 0)
+  _check_integer(name, "seed", seed, -2**31)
   tau_factor = damping_lib.period_factor(tau_period) if tau_factor is None else tau_factor
   gamma_factor = (damping_lib.period_factor(gamma_period) if gamma_factor is None
                   else gamma_factor)
-  check_fraction("tau_factor", tau_factor)
-  check_fraction("gamma_factor", gamma_factor)
-  if not 0 < min_damping <= min(gamma, tau) or max(gamma, tau) > max_damping:
-    raise ValueError(f"gamma and tau must lie in [min_damping, max_damping] = "
-                     f"[{min_damping}, {max_damping}] with min_damping > 0, got "
-                     f"gamma={gamma}, tau={tau}.")
+  check_fraction(label("tau_factor"), tau_factor)
+  check_fraction(label("gamma_factor"), gamma_factor)
+  check_positive(label("min_damping"), min_damping, schedule=True)
+  check_positive(label("max_damping"), max_damping, schedule=True)
+  low, high = concrete_value(min_damping), concrete_value(max_damping)
+  for arg, value in (("gamma", gamma), ("tau", tau)):
+    number = concrete_value(value)
+    if number is not None and ((low is not None and number < low)
+                               or (high is not None and number > high)):
+      raise ValueError(f"{name}: {arg} must lie in [min_damping, max_damping] = "
+                       f"[{min_damping}, {max_damping}], got {arg}={value}.")
+  if low is not None and high is not None and low > high:
+    raise ValueError(f"{name}: min_damping={min_damping} exceeds "
+                     f"max_damping={max_damping}.")
   if fallback not in ("diagonal", "identity"):
-    raise ValueError(f"fallback must be 'diagonal' or 'identity', got {fallback!r}.")
-  if max_factor_dim is not None and max_factor_dim < 2:
-    raise ValueError(f"max_factor_dim must be >= 2 or None, got {max_factor_dim!r}.")
+    raise ValueError(f"{name}: fallback must be 'diagonal' or 'identity', got "
+                     f"{fallback!r}.")
+  if max_factor_dim is not None:
+    # Only init reads it (the update reads the slots from the state's shapes), so an
+    # injected, traced value is fine there.
+    _check_integer(name, "max_factor_dim", max_factor_dim, 2)
+  # A weight decay known to be 0 drops its terms from the step; any other (an array, a
+  # schedule, a traced value) keeps them.
+  decays = concrete_value(weight_decay) != 0
 
   def init_fn(params):
-    factors, inverse = kron_state.init(params, max_factor_dim=max_factor_dim)
+    dims = max_factor_dim
+    if dims is not None:
+      dims = concrete_value(dims)
+      if dims is None:
+        raise ValueError(f"{name}: max_factor_dim sets the state's shapes and must be "
+                         "known when init runs (not traced).")
+      dims = int(dims)
+    factors, inverse = kron_state.init(params, max_factor_dim=dims)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
+    zero = jnp.zeros((), jnp.int32)
     return KFACState(
         factors=factors, inverse=inverse,
         velocity=optax.tree.zeros_like(params) if momentum else None,
-        gamma=f32(gamma), tau=f32(tau), count=jnp.zeros((), jnp.int32), loss=f32(jnp.nan),
+        gamma=f32(gamma), tau=f32(tau), count=zero, loss=f32(jnp.nan),
         alpha=f32(0.0), mu=f32(0.0), reduction_ratio=f32(jnp.nan),
-        num_skipped=jnp.zeros((), jnp.int32))
+        num_skipped=zero, num_rejected=zero)
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, **extra_args):
@@ -158,18 +232,26 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     if params is None:
       raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
                        "params, predict_fn=..., targets=...).")
+    given = extra_args_lib.given_gradient(updates)
+    if given is not None:
+      _check_matches_params(name, given, params)
     # The capture runs the network itself; a passed-in linearisation supplies the model.
     predict, targets = extra_args_lib.model_from(
         name, predict_fn=predict_fn, targets=targets, linearization=linearization,
         axis_name=axis_name)
     cap = kron.capture(predict, params, loss=loss, targets=targets,
-                       max_factor_dim=max_factor_dim, solver=name, axis_name=axis_name)
+                       slots=kron_state.slots(state.factors), solver=name,
+                       axis_name=axis_name)
     lin = cap.lin
-    dtype = lin.loss_value.dtype
-    given = extra_args_lib.given_gradient(updates)
+    # Scalars in at least float32: the damping bounds (1e-8, 1e8) do not exist in
+    # float16, and the state keeps them in float32.
+    dtype = jnp.promote_types(lin.loss_value.dtype, jnp.float32)
+    at_count = lambda value: jnp.asarray(value_at(value, state.count), dtype)
+    decay_now = at_count(weight_decay) if decays else 0.0
+    low_now, high_now = at_count(min_damping), at_count(max_damping)
     grad = cap.grad() if given is None else given
-    if weight_decay:
-      grad = optax.tree.add_scale(grad, weight_decay, params)
+    if decays:
+      grad = jax.tree.map(lambda g, p: (g + decay_now * p).astype(g.dtype), grad, params)
 
     # Factors: this batch's estimate and the moving averages.
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
@@ -177,13 +259,14 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     # A non-finite batch leaves the factors as they were (decided inside the averaging
     # pass, so the final guard need not select over them again).
     accept = jnp.isfinite(lin.loss_value) & kron_state.estimate_finite(estimate)
-    factors = kron_state.update(state.factors, estimate, cap, decay=factor_decay,
+    factors = kron_state.update(state.factors, estimate, cap,
+                                decay=value_at(factor_decay, state.count),
                                 first=state.count == 0, accept=accept)
     invert = lambda gamma_value: kron_state.invert(factors, state.inverse, cap,
-                                                   gamma_value + weight_decay)
+                                                   gamma_value + decay_now)
 
     tau_now = state.tau.astype(dtype)
-    model_damping = tau_now + weight_decay
+    model_damping = tau_now + decay_now
     if momentum:
       velocity = jax.tree.map(lambda v, p: v.astype(p.dtype), state.velocity, params)
       j_velocity = cap.jvp(velocity)
@@ -191,7 +274,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     def candidate(gamma_value, inverse):
       """δ* for one γ: direction, its J-image, coefficients and model value."""
       direction = kron_state.precondition(cap, grad, factors, inverse,
-                                          gamma_value + weight_decay, fallback=fallback)
+                                          gamma_value + decay_now, fallback=fallback)
       directions, images = [direction], [cap.jvp(direction)]
       if momentum:
         directions.append(velocity)
@@ -213,14 +296,15 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
 
     def keep_gamma():
       """The current γ; inverses refreshed every ``inverse_period`` steps."""
-      inverse = jax.lax.cond(state.count % inverse_period == 0,
-                             lambda: invert(gamma_now), lambda: state.inverse)
+      refresh = _due(state.count, inverse_period)
+      inverse = (jax.lax.cond(refresh, lambda: invert(gamma_now), lambda: state.inverse)
+                 if refresh is not False else state.inverse)
       return (*candidate(gamma_now, inverse), gamma_now, inverse)
 
     def choose_gamma():
       """App. C.3.2: the γ among {ω_γγ, γ, γ/ω_γ} whose δ* minimises f̂."""
-      gammas = damping_lib.gamma_candidates(gamma_now, gamma_factor,
-                                            min_gamma=min_damping, max_gamma=max_damping)
+      gammas = damping_lib.gamma_candidates(gamma_now, jnp.asarray(gamma_factor, dtype),
+                                            min_gamma=low_now, max_gamma=high_now)
 
       def one(gamma_value):
         inverse = invert(gamma_value)
@@ -235,26 +319,37 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
           best, [lambda r=r: r for r in results])
       return step, image, alpha, mu, value, gammas[best], inverse
 
-    if gamma_period:
-      due = state.count % gamma_period == 0  # with the inverse refreshes (see above)
+    due = _due(state.count, gamma_period)  # with the inverse refreshes (see above)
+    if due is False:
+      step, image, alpha, mu, value, new_gamma, inverse = keep_gamma()
+    else:
       step, image, alpha, mu, value, new_gamma, inverse = jax.lax.cond(
           due, choose_gamma, keep_gamma)
-    else:
-      step, image, alpha, mu, value, new_gamma, inverse = keep_gamma()
 
-    step = optax.tree.scale(learning_rate, step)
-    image = learning_rate * image
-    new_tau, ratio = _tau_rule(state, lin, predict, targets, params, grad, step, image,
-                               model_damping, tau_now)
+    rate = at_count(learning_rate)
+    # The step in the parameters' dtypes (the coefficients are float32 or wider).
+    step = jax.tree.map(lambda s, p: (rate * s).astype(p.dtype), step, params)
+    image = rate * image
+    new_tau, ratio, taken = _tau_rule(state, lin, predict, targets, params, grad, step,
+                                      image, model_damping, tau_now, decay_now,
+                                      (low_now, high_now))
     # The inverses need no check of their own: a non-finite entry makes the step
     # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
     finite = accept & nonfinite.all_finite(step, alpha, mu)
+    velocity = step if momentum else None
+    num_rejected = state.num_rejected
+    if taken is not True:  # the τ rule may reject the step: see KFACState
+      step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
+      if momentum:
+        velocity = optax.tree.where(taken, velocity, state.velocity)
+      num_rejected = num_rejected + jnp.where(taken, 0, 1).astype(num_rejected.dtype)
     new_state = KFACState(
-        factors=factors, inverse=inverse, velocity=step if momentum else None,
+        factors=factors, inverse=inverse, velocity=velocity,
         gamma=new_gamma.astype(jnp.float32), tau=new_tau.astype(jnp.float32),
         count=state.count + 1, loss=lin.loss_value.astype(jnp.float32),
         alpha=alpha.astype(jnp.float32), mu=mu.astype(jnp.float32),
-        reduction_ratio=ratio.astype(jnp.float32), num_skipped=state.num_skipped)
+        reduction_ratio=ratio.astype(jnp.float32), num_skipped=state.num_skipped,
+        num_rejected=num_rejected)
     # Neither the factors (gated above) nor the inverses need the guard's select: a
     # skipped batch leaves the count unchanged, so the next step refreshes the inverses
     # (and reruns the γ rule) before they are used again; stored inverses are only
@@ -262,56 +357,80 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     return nonfinite.guard(finite, step, new_state, state,
                            unguarded=("factors", "inverse"))
 
-  def _objective(value, params):
-    if not weight_decay:
+  def _objective(value, params, decay):
+    if not decays:
       return value
-    return value + 0.5 * weight_decay * optax.tree.norm(params, squared=True)
+    return value + 0.5 * decay * optax.tree.norm(params, squared=True)
 
   def _tau_rule(state, lin, predict, targets, params, grad, step, image, model_damping,
-                tau_now):
-    """App. C.3.1 every ``tau_period`` steps: ρ (eq. 42) and the LM update of τ."""
-    if not tau_period:
-      return tau_now, state.reduction_ratio
+                tau_now, decay, bounds):
+    """App. C.3.1 every ``tau_period`` steps: ρ (eq. 42) and the LM update of τ.
+
+    Returns ``(τ, ρ, taken)``: ``taken`` is false when the loss at ``θ + δ*`` is not
+    finite; the step is then rejected and ``τ`` grows as for ``ρ < 0.75`` (``ρ = −∞``).
+    """
+    due = _due(state.count + 1, tau_period)
+    if due is False:
+      return tau_now, state.reduction_ratio, True
 
     def evaluate():
       predicted = (optax.tree.vdot(grad, step)
                    + 0.5 * (lin.output_vdot(image, lin.output_hvp(image))
                             + model_damping * optax.tree.norm(step, squared=True)))
       new_params = optax.tree.add(params, step)
-      new_value = _objective(
-          lin.batch_mean(lin.loss.value(predict(new_params), targets)), new_params)
-      actual = new_value - _objective(lin.loss_value, params)
-      ratio = quadratic.reduction_ratio(actual, predicted)
-      new_tau = damping_lib.tau_rule(tau_now, ratio, factor=tau_factor,
-                                     min_tau=min_damping, max_tau=max_damping)
-      return new_tau.astype(tau_now.dtype), ratio.astype(jnp.float32)
+      trial = lin.batch_mean(lin.loss.value(predict(new_params), targets))
+      new_value = _objective(trial, new_params, decay)
+      actual = new_value - _objective(lin.loss_value, params, decay)
+      taken = jnp.isfinite(new_value)
+      # A NaN ratio would leave τ unchanged: a non-finite trial loss counts as ρ = −∞.
+      ratio = jnp.where(taken, quadratic.reduction_ratio(actual, predicted), -jnp.inf)
+      new_tau = damping_lib.tau_rule(tau_now, ratio, factor=jnp.asarray(tau_factor, dtype=tau_now.dtype),
+                                     min_tau=bounds[0], max_tau=bounds[1])
+      return new_tau.astype(tau_now.dtype), ratio.astype(jnp.float32), taken
 
     def keep():
-      return tau_now, state.reduction_ratio
+      return tau_now, state.reduction_ratio, jnp.asarray(True)
 
-    due = (state.count + 1) % tau_period == 0
     return jax.lax.cond(due, evaluate, keep)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_matches_params(solver: str, grads: PyTree, params: PyTree) -> None:
+  """A given gradient must have the parameters' tree structure and leaf shapes."""
+  if jax.tree.structure(grads) != jax.tree.structure(params):
+    raise ValueError(f"{solver}: the updates (gradient) passed to update() do not have "
+                     f"the structure of params:\n  updates: {jax.tree.structure(grads)}"
+                     f"\n  params:  {jax.tree.structure(params)}")
+  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                          jax.tree.leaves(params)):
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(f"{solver}: the gradient leaf {jax.tree_util.keystr(path)} has "
+                       f"shape {jnp.shape(g)} but the parameter has shape "
+                       f"{jnp.shape(p)}.")
+
+
 _COMMON_ARGS = """
     loss: a :class:`curvax.losses.Loss` or its name.
-    learning_rate: scales ``δ*`` (1: the optimum of the quadratic model, eq. 40).
+    learning_rate: scales ``δ*`` (1: the optimum of the quadratic model, eq. 40). A
+      number or an ``optax.Schedule`` of the step count.
     gamma: initial ``γ``, the damping of the Kronecker-factored curvature (eq. 35).
     tau: initial ``τ``, the damping of the full-GGN model that sets the step size
       (eq. 41).
     weight_decay: ``η``, an L2 term ``(η/2)‖θ‖²`` added to the objective; it enters the
-      gradient, ``k = γ + η`` and the model's ``τ + η`` (App. C).
-    factor_decay: moving-average decay of the factors (§5: 0.9; 0 uses the batch alone).
+      gradient, ``k = γ + η`` and the model's ``τ + η`` (App. C). A number or a
+      schedule.
+    factor_decay: moving-average decay of the factors (§5: 0.9; 0 uses the batch
+      alone). A number or a schedule.
     inverse_period: recompute the factors' damped inverses every this many steps
       (Algorithm 1: every step; Martens & Grosse use 20).
-    tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed.
+    tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed. A step
+      whose trial loss ``f(θ + δ*)`` is not finite is rejected (see :class:`KFACState`).
     tau_factor: ``ω_τ``; default ``0.95^{T_τ}``.
     gamma_period: ``T_γ`` of the greedy γ rule (App. C.3.2: 20), applied on steps
       ``0, T_γ, 2T_γ, …``; 0 keeps ``γ`` fixed.
     gamma_factor: ``ω_γ``; default ``0.95^{T_γ}``.
-    min_damping, max_damping: bounds for ``γ`` and ``τ``.
+    min_damping, max_damping: bounds for ``γ`` and ``τ`` (numbers or schedules).
     momentum: add KFAC's momentum ``μ δ_prev`` (Martens & Grosse §7) with ``(α, μ)``
       from a 2×2 quadratic-model solve (the paper found no benefit: §5).
     fallback: curvature block of parameters outside every captured layer:
@@ -320,6 +439,7 @@ _COMMON_ARGS = """
     max_factor_dim: kernels whose factors would be larger than this (and every other
       leaf) use the fallback; also bounds the state allocated for leaves that turn out
       not to be kernels (e.g. embedding tables). ``None``: no bound.
+    seed: PRNG seed of the estimator's random numbers (folded with the step count).
     axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over,
       evenly: the gradient, the factors (each an average over examples), the quadratic
       model and ρ are averaged over it (:meth:`curvax.Linearization.batch_mean`), so
@@ -336,17 +456,57 @@ _USAGE = """
   ``optax.add_decayed_weights``) is used instead. Flax linen ``nn.Dense``/``nn.Conv``
   layers are found automatically; in pure JAX or ``flax.nnx`` code mark layers with
   :func:`curvax.kron.dense` (see :mod:`curvax.kron.capture`).
+
+  Numeric hyperparameters may be Python/NumPy numbers or 0-d JAX arrays (validated when
+  their value is known), so ``optax.inject_hyperparams`` works; schedules are evaluated
+  at the state's ``count`` (finite batches). The integer arguments may be injected too,
+  except ``num_samples``, which sets array shapes.
 """
+
+# The keyword arguments every public Kronecker-factored solver takes, from the one
+# function that implements them (``loss`` is each solver's own first argument).
+_COMMON_PARAMETERS = tuple(
+    p for p in inspect.signature(kronecker_factored).parameters.values()
+    if p.name not in ("loss", "estimator", "name"))
+_COMMON_NAMES = frozenset(p.name for p in _COMMON_PARAMETERS)
 
 
 def _documented(fn):
+  """Fills in the shared docstring parts and gives ``fn`` its full signature: its own
+  parameters and the common ones it takes through ``**kwargs``. ``inspect.signature``
+  — hence ``optax.inject_hyperparams``, which binds the arguments to the signature and
+  injects each numeric one — then sees every hyperparameter by name."""
   fn.__doc__ = fn.__doc__.replace("{usage}", _USAGE.strip()).replace(
       "{common}", _COMMON_ARGS.rstrip())
+  own = [p for p in inspect.signature(fn).parameters.values()
+         if p.kind is not inspect.Parameter.VAR_KEYWORD]
+  fn.__signature__ = inspect.signature(fn).replace(parameters=own + list(_COMMON_PARAMETERS))
   return fn
 
 
+def _common(solver: str, kwargs: dict, own: Sequence[str] = ()) -> dict:
+  """``kwargs`` if every name is a common argument; else a ``TypeError`` naming the
+  solver (``damping`` / ``lambda`` get pointed to ``gamma`` and ``tau``)."""
+  unknown = sorted(set(kwargs) - _COMMON_NAMES)
+  if unknown:
+    hints = []
+    for arg in unknown:
+      if "damp" in arg or arg in ("lambda_", "lam", "lmbda", "l2_reg"):
+        hints.append(f"{arg!r}: the damping is gamma= (initial γ, of the Kronecker-factored "
+                     "curvature, App. C.3.2) and tau= (initial τ, of the full-GGN model "
+                     "that sets the step size, App. C.3.1), bounded by min_damping= and "
+                     "max_damping=")
+      else:
+        close = difflib.get_close_matches(arg, sorted(_COMMON_NAMES | set(own)), n=1)
+        hints.append(f"{arg!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"{solver}() got unexpected keyword argument(s): " + "; ".join(hints)
+                    + ". Its arguments: " + ", ".join(["loss", *own, *sorted(_COMMON_NAMES)])
+                    + ".")
+  return kwargs
+
+
 @_documented
-def kfac(loss: "losses_lib.Loss | str", *, num_samples: int = 1, seed: int = 0,
+def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """KFAC (Martens & Grosse 2015) in kfra_kflr.md's formulation (App. D.3).
 
@@ -356,10 +516,19 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: int = 1, seed: int = 0,
   expectation. Dense and Conv layers (KFC).
   {usage}
   Args:
-    num_samples: Monte-Carlo samples of the targets per step.
-    seed: PRNG seed of the samples (folded with the step count).{common}"""
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    num_samples: Monte-Carlo samples of the targets per step (``None``: 1 — not a
+      number by default, so that ``optax.inject_hyperparams`` leaves it static).{common}"""
+  kwargs = _common("curvax.kfac", kwargs, own=("num_samples",))
+  if num_samples is None:
+    num_samples = 1
+  if isinstance(num_samples, jax.core.Tracer):
+    raise ValueError("curvax.kfac: num_samples sets array shapes and cannot be traced; "
+                     "with optax.inject_hyperparams pass static_args='num_samples'.")
+  if (isinstance(num_samples, (bool, np.bool_)) or concrete_value(num_samples) is None
+      or concrete_value(num_samples) < 1 or concrete_value(num_samples) % 1):
+    raise ValueError(f"curvax.kfac: num_samples must be an integer >= 1, got "
+                     f"{num_samples!r}.")
+  num_samples = int(concrete_value(num_samples))
   if losses_lib.get(loss).per_example_sample is None:
     raise ValueError(
         f"curvax.kfac: the loss {losses_lib.get(loss).name!r} defines no predictive "
@@ -368,7 +537,7 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: int = 1, seed: int = 0,
   fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
   estimator = lambda cap, key: kron.kfac_factors(
       cap, key, num_samples=num_samples, fallback_diagonal=fallback_diagonal)
-  return kronecker_factored(loss, estimator, name="curvax.kfac", seed=seed, **kwargs)
+  return kronecker_factored(loss, estimator, name="curvax.kfac", **kwargs)
 
 
 @_documented
@@ -380,6 +549,7 @@ def kflr(loss: "losses_lib.Loss | str", **kwargs) -> optax.GradientTransformatio
   with ``K``: meant for few outputs (classifiers). Dense and Conv layers.
   {usage}
   Args:{common}"""
+  kwargs = _common("curvax.kflr", kwargs)
   fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
   estimator = lambda cap, key: kron.kflr_factors(cap, key,
                                                  fallback_diagonal=fallback_diagonal)
@@ -403,6 +573,8 @@ def kfra(loss: "losses_lib.Loss | str", *,
     activations: the elementwise function between consecutive Dense layers: one
       callable for every gap, or a sequence with one entry per gap (``None`` = linear).
       :func:`curvax.kron.chain_activations` gives them for curvax's MLP and autoencoder.
+      Under ``optax.inject_hyperparams`` a single callable must be named in
+      ``static_args`` (optax takes callables for schedules); a list needs nothing.
     check_chain: verify at every step (cheaply, from the captured activations) that the
       model computed ``a_λ = f_λ(h_λ)`` and output ``h_L``; a mismatch raises.{common}"""
   if activations is None:
@@ -411,7 +583,13 @@ def kfra(loss: "losses_lib.Loss | str", *,
         "consecutive Dense layers (one callable, or one per gap with None for linear); "
         "curvax.kron.chain_activations(model) gives them for curvax.problems.models.MLP "
         "and Autoencoder.")
+  kwargs = _common("curvax.kfra", kwargs, own=("activations", "check_chain"))
   if not callable(activations):
+    if isinstance(activations, (jax.Array, np.ndarray, float, int)):
+      raise TypeError(
+          "curvax.kfra: activations must be a callable or a sequence of callables/None, "
+          f"got the number {activations!r} (optax.inject_hyperparams treats a callable "
+          "as a schedule: pass static_args='activations', or a list).")
     activations = tuple(activations)
     if any(f is not None and not callable(f) for f in activations):
       raise TypeError("curvax.kfra: every entry of activations must be callable or None.")

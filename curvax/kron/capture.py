@@ -390,8 +390,8 @@ class Capture:
     return jnp.concatenate(rows, axis=-2) if len(rows) > 1 else rows[0]
 
 
-def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim):
-  """Groups calls by kernel; returns ``(blocks, skipped)``."""
+def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim, slots=None):
+  """Groups calls by kernel; returns ``(blocks, used leaves, skipped)``."""
   groups: dict[int, list[int]] = {}
   for i, call in enumerate(calls):
     groups.setdefault(call.kernel, []).append(i)
@@ -405,10 +405,12 @@ def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim):
       continue
     block = Block(first.kind, name, kernel, first.bias, tuple(members), first.in_dim,
                   first.out_dim)
-    dims = slot_dims(jnp.shape(leaves[kernel]), max_factor_dim)
+    dims = (slot_dims(jnp.shape(leaves[kernel]), max_factor_dim) if slots is None
+            else slots[kernel])
     if dims is None or dims != (block.in_dim + 1, block.out_dim):
-      skipped.append((name, f"its factors ({block.q_dim}, {block.out_dim}) exceed "
-                            f"max_factor_dim={max_factor_dim}"))
+      limit = (f"max_factor_dim={max_factor_dim}" if slots is None else
+               "the optimiser's max_factor_dim")
+      skipped.append((name, f"its factors ({block.q_dim}, {block.out_dim}) exceed {limit}"))
       continue
     blocks.append(block)
   used = {b.kernel for b in blocks} | {b.bias for b in blocks if b.bias is not None}
@@ -439,7 +441,8 @@ def slot_dims(shape: Sequence[int], max_factor_dim: Optional[int]
 def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
             loss: "losses_lib.Loss | str", targets: Array,
             max_factor_dim: Optional[int] = None, solver: str = "curvax.kron",
-            warn: bool = True, axis_name: Optional[str] = None) -> Capture:
+            warn: bool = True, axis_name: Optional[str] = None,
+            slots: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> Capture:
   """Runs ``predict_fn(params)`` once with its layers captured and linearised.
 
   Args:
@@ -452,6 +455,10 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
     warn: warn about parameters without a Kronecker block.
     axis_name: the data-parallel axis the batch is split over (see
       :func:`curvax.linearize`); the estimators then average their factors over it.
+    slots: per parameter leaf, the factor sizes ``(dim Q̃, dim 𝒢̃)`` reserved in the
+      optimiser state, or ``None`` (replaces ``max_factor_dim``: an optimiser reads them
+      from its state, whose shapes are static even when ``max_factor_dim`` is an
+      injected, traced hyperparameter).
 
   Raises:
     ValueError: when no layer is found.
@@ -474,7 +481,7 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   jax.eval_shape(discover, params)
   discovered = found[0]
   calls = tuple(discovered.calls)
-  blocks, used, skipped = _blocks(calls, leaves, leaf_names, max_factor_dim)
+  blocks, used, skipped = _blocks(calls, leaves, leaf_names, max_factor_dim, slots)
   skipped = discovered.skipped + skipped
   if not blocks:
     detail = "".join(f"\n  {name}: {reason}" for name, reason in skipped)

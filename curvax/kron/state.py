@@ -167,3 +167,10 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
     curvature = factors.diag[i] if fallback == "diagonal" else 1.0
     out[i] = (leaves[i] / (curvature + damping)).astype(leaves[i].dtype)
   return jax.tree.unflatten(treedef, out)
+
+
+def slots(factors: Factors) -> tuple:
+  """Per parameter leaf, the factor sizes ``(dim Q̃, dim 𝒢̃)`` the state reserves, or
+  ``None`` (for :func:`curvax.kron.capture`'s ``slots``)."""
+  return tuple(None if q is None else (q.shape[0], g.shape[0])
+               for q, g in zip(factors.q, factors.g))
