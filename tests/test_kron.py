@@ -428,12 +428,14 @@ class _Residual(nn.Module):
     return nn.Dense(3)(jnp.tanh(h)) + h  # a skip connection: not a chain
 
 
-def _kfra(model, x, targets, loss, activations):
+def _kfra(model, x, targets, loss, activations, traced_batch=False):
   params = model.init(jax.random.PRNGKey(0), x)
-  run = lambda p: kron.kfra_factors(
-      kron.capture(lambda q: model.apply(q, x), p, loss=loss, targets=targets),
+  run = lambda p, xb: kron.kfra_factors(
+      kron.capture(lambda q: model.apply(q, xb), p, loss=loss, targets=targets),
       activations).g
-  return jax.block_until_ready(jax.jit(run)(params))
+  if traced_batch:
+    return jax.block_until_ready(jax.jit(run)(params, x))
+  return jax.block_until_ready(jax.jit(lambda p: run(p, x))(params))
 
 
 def test_kfra_refuses_models_that_are_not_chains():
@@ -446,11 +448,18 @@ def test_kfra_refuses_models_that_are_not_chains():
   mlp = models.MLP(features=(4, 3))
   with pytest.raises(ValueError, match="activations has 2 entries"):
     _kfra(mlp, x, labels, "softmax_cross_entropy", [jnp.tanh, jnp.tanh])
-  # Declared relu, the model has tanh: caught at run time, inside jit.
-  with pytest.raises(Exception, match="not the chain"):
-    _kfra(mlp, x, labels, "softmax_cross_entropy", jax.nn.relu)
+  # A wrong activation is a ValueError at trace time (from the model's jaxpr), inside
+  # jit with a traced batch; the same function written differently is accepted.
+  relu_mlp = models.MLP(features=(4, 3), activation=jax.nn.relu)
+  for model, declared in ((mlp, jax.nn.relu), (relu_mlp, jnp.tanh), (mlp, None)):
+    with pytest.raises(ValueError, match="is not what the model applies"):
+      _kfra(model, x, labels, "softmax_cross_entropy", declared, traced_batch=True)
   _kfra(mlp, x, labels, "softmax_cross_entropy", jnp.tanh)  # the right description
-  with pytest.raises(Exception, match="not the chain"):  # a skip connection
+  _kfra(relu_mlp, x, labels, "softmax_cross_entropy", lambda h: jnp.maximum(h, 0.0),
+        traced_batch=True)
+  # A gap that reads more than h (a skip connection reads the batch) is checked at run
+  # time, inside jit.
+  with pytest.raises(Exception, match="not the chain"):
     _kfra(_Residual(), x, jnp.zeros((2, 3)), "squared_error", jnp.tanh)
 
 

@@ -186,8 +186,8 @@ class _Recorder:
             "curvax.kron: predict_fn called more layers than when it was first traced; "
             "the layers a model calls must not depend on the parameter values.")
       out = out + self.perturbations[index].astype(out.dtype)
-      self.inputs.append(x)
-      self.outputs.append(out)
+    self.inputs.append(x)
+    self.outputs.append(out)
     return out
 
   def _intercept(self, next_fun, args, kwargs, context):
@@ -329,7 +329,8 @@ class Capture:
   """
 
   def __init__(self, lin, params, calls, blocks, fallback, inputs, outputs, perturbations,
-               leaf_names):
+               leaf_names, predict_fn=None):
+    self.predict_fn = predict_fn
     self.lin = lin
     self.params = params
     self.leaves = jax.tree.leaves(params)
@@ -345,6 +346,22 @@ class Capture:
   @property
   def loss(self) -> losses_lib.Loss:
     return self.lin.loss
+
+  def layer_jaxpr(self):
+    """``predict_fn`` as a closed jaxpr of the parameters with outputs
+    ``(network outputs, *layer inputs, *layer outputs)`` (one call each, in call order):
+    one more trace, no FLOPs — for trace-time checks of what the network computes
+    between its layers. Arrays it closes over (a traced batch) are its constants."""
+    def run(p):
+      recorder = _Recorder(jax.tree.leaves(p))
+      with recorder.active():
+        out = self.predict_fn(p)
+      return out, tuple(recorder.inputs), tuple(recorder.outputs)
+
+    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf),
+                                                            jnp.result_type(leaf)),
+                          self.params)
+    return jax.make_jaxpr(run)(shapes)
 
   def grad(self) -> PyTree:
     """``∇f`` with respect to the parameters."""
@@ -518,7 +535,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   lin = cvp.linearize(run, (params, zeros), loss=loss, targets=targets, has_aux=True,
                        axis_name=axis_name)
   inputs, outputs = lin.aux
-  return Capture(lin, params, calls, blocks, fallback, inputs, outputs, zeros, leaf_names)
+  return Capture(lin, params, calls, blocks, fallback, inputs, outputs, zeros, leaf_names,
+                 predict_fn)
 
 
 def _float_dtype(leaf):

@@ -32,6 +32,7 @@ is ``diag(Σ_n J_nᵀ H_n J_n)``, the diagonal of their GGN block (KFAC/KFLR onl
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -273,6 +274,78 @@ def verify_chain(capture: Capture, activations: Sequence[Activation], *,
     check(mismatch)
 
 
+def _gap_function(closed, source, target) -> Optional[Callable[[Array], Array]]:
+  """The function the jaxpr applies to ``source`` to compute ``target``, if ``target``
+  depends on ``source`` and on constants known at trace time only (else ``None``)."""
+  import jax.extend.core as jex  # noqa: PLC0415 (only KFRA's trace-time check needs it)
+  jaxpr = closed.jaxpr
+  if target is source:
+    return lambda h: h
+  producer = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+  known = {v: c for v, c in zip(jaxpr.constvars, closed.consts)
+           if not isinstance(c, jax.core.Tracer)}
+  used_eqns, used_consts, stack, seen = set(), [], [target], set()
+  reached_source = False
+  while stack:
+    v = stack.pop()
+    if isinstance(v, jex.Literal) or v in seen:
+      continue
+    seen.add(v)
+    if v is source:
+      reached_source = True
+    elif v in known:
+      used_consts.append(v)
+    elif v in producer and not jaxpr.eqns[producer[v]].effects:
+      used_eqns.add(producer[v])
+      stack.extend(jaxpr.eqns[producer[v]].invars)
+    else:  # a parameter, the batch (traced), another layer's value, an effect
+      return None
+  if not reached_source:
+    return None
+  info = jex.DebugInfo("curvax.kfra activation check", None,
+                       ("h",), ("a",))
+  sub = jex.Jaxpr(used_consts, [source], [target],
+                  [jaxpr.eqns[i] for i in sorted(used_eqns)], debug_info=info)
+  fn = jex.jaxpr_as_fun(jex.ClosedJaxpr(sub, [known[v] for v in used_consts]))
+  return lambda h: fn(h)[0]
+
+
+def check_declared_activations(capture: Capture, activations: Sequence[Activation], *,
+                               tolerance: float = 1e-3, solver: str = "curvax.kfra") -> None:
+  """Trace-time check that each declared activation is what the model applies.
+
+  The model's jaxpr (:meth:`Capture.layer_jaxpr`) gives, per gap, the computation from
+  a layer's output ``h_λ`` to the next layer's input ``a_λ``; where that depends on
+  ``h_λ`` and trace-time constants only (an elementwise activation, a scaling), it is
+  evaluated next to the declared ``f_λ`` on probe values of ``h_λ``'s shape, and a
+  mismatch raises ``ValueError`` before anything runs. A gap that also reads other
+  values (a skip connection reads the batch or another layer) is left to the run-time
+  check (:func:`verify_chain`).
+  """
+  closed = capture.layer_jaxpr()
+  num = len(capture.calls)
+  outvars = closed.jaxpr.outvars
+  layer_inputs, layer_outputs = outvars[-2 * num:-num], outvars[-num:]
+  for i, f in enumerate(activations):
+    applied = _gap_function(closed, layer_outputs[i], layer_inputs[i + 1])
+    if applied is None:
+      continue
+    shape, dtype = capture.calls[i].output_shape, capture.outputs[i].dtype
+    with jax.ensure_compile_time_eval():
+      probe = jnp.linspace(-6.0, 6.0, math.prod(shape), dtype=jnp.float32)
+      probe = probe.reshape(shape).astype(dtype)
+      model = np.asarray(applied(probe), np.float64)
+      declared = np.asarray(probe if f is None else f(probe), np.float64)
+    gap = np.max(np.abs(model - declared)) / (1.0 + np.max(np.abs(model)))
+    if not gap <= tolerance:
+      name = "linear (None)" if f is None else getattr(f, "__name__", repr(f))
+      raise ValueError(
+          f"{solver}: the declared activation {name} after layer {i} "
+          f"({capture.calls[i].name}) is not what the model applies there: on probe "
+          f"values in [-6, 6] they differ by {gap:.3g} (relative). Check activations= "
+          "(one entry per gap between consecutive Dense layers, None for linear).")
+
+
 def kfra(capture: Capture, activations: Union[Activation, Sequence[Activation]], *,
          check: bool = True, solver: str = "curvax.kfra") -> Estimate:
   """KFRA: Algorithm 1's backward recursion of the expected pre-activation GGN.
@@ -295,6 +368,7 @@ def kfra(capture: Capture, activations: Union[Activation, Sequence[Activation]],
   activations = list(activations)
   check_chain(capture, activations, solver)
   if check:
+    check_declared_activations(capture, activations, solver=solver)
     verify_chain(capture, activations, solver=solver)
   batch = capture.batch_size
   g = [None] * num
