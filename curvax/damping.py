@@ -66,5 +66,5 @@ def period_factor(period, base: float = 0.95):
   period of 0, a disabled rule, counts as 1). A Python float for a Python or NumPy
   period, an array for a JAX one (e.g. injected by ``optax.inject_hyperparams``)."""
   if isinstance(period, jax.Array):
-    return base ** jnp.maximum(period, 1).astype(jnp.float32)
+    return base ** jnp.maximum(period, 1).astype(jnp.result_type(float))
   return base ** max(int(period), 1)

@@ -38,6 +38,11 @@ def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0])
 
 
+def _unflat(w):
+  """:func:`_problem`'s parameters from their flat (ravel_pytree) order b2, w1, w2."""
+  return {"b2": w[0:3], "w1": w[3:23].reshape(4, 5), "w2": w[23:38].reshape(5, 3)}
+
+
 def _net(params, x):
   return jax.nn.sigmoid(x @ params["w1"]) @ params["w2"] + params["b2"]
 
@@ -46,6 +51,8 @@ class _Hand:
   """Everything of kfra_kflr.md App. C at ``params``, in numpy (flat order b2, w1, w2)."""
 
   def __init__(self, params, x, y, eta):
+    if not isinstance(params, dict):
+      params = _unflat(params)
     w1, w2, b2 = (np.asarray(params[k]) for k in ("w1", "w2", "b2"))
     batch = x.shape[0]
     h1 = np.asarray(x) @ w1
@@ -60,15 +67,14 @@ class _Hand:
     self.q1 = np.asarray(x).T @ np.asarray(x) / batch
     a1b = np.concatenate([a1, np.ones((batch, 1))], axis=1)
     self.q2 = a1b.T @ a1b / batch
-    w, unravel = ravel_pytree(params)
-    w = np.asarray(w)
-    objective = lambda v: ref.cross_entropy(_net(unravel(v), x), y)
+    w = _flat(params)
+    value, grad, ggn = _dense_terms(w, x, y)
     self.eta = eta
     self.w = w
-    self.value = float(objective(w)) + 0.5 * eta * w @ w
-    self.grad = np.asarray(jax.grad(objective)(w)) + eta * w
-    self.ggn = np.asarray(jax.jit(lambda v: _ggn(v, unravel, x, y))(w))
-    self.objective = lambda v: float(objective(v)) + 0.5 * eta * v @ v
+    self.value = float(value) + 0.5 * eta * w @ w
+    self.grad = np.asarray(grad) + eta * w
+    self.ggn = np.asarray(ggn)
+    self.objective = lambda v: float(_dense_terms(v, x, y)[0]) + 0.5 * eta * v @ v
 
   def direction(self, gamma):
     """δ̃ = C̃⁻¹ ∇f with the factored damping of eq. 36–38 (dense solves)."""
@@ -95,6 +101,14 @@ class _Hand:
     alpha = -(d @ self.grad) / (d @ c @ d)
     step = alpha * d
     return step, alpha, self.grad @ step + 0.5 * step @ c @ step
+
+
+@jax.jit
+def _dense_terms(w, x, y):
+  """Loss, gradient and GGN of the :func:`_problem` network at flat (b2, w1, w2)."""
+  objective = lambda v: ref.cross_entropy(_net(_unflat(v), x), y)
+  value, grad = jax.value_and_grad(objective)(w)
+  return value, grad, _ggn(w, _unflat, x, y)
 
 
 def _ggn(v, unravel, x, y):
@@ -142,23 +156,6 @@ def test_first_step_is_alpha_star_times_damped_kronecker_direction_and_tau_rule(
     assert state.factors.q[0] is None and len(leaves) == 3
 
 
-def test_gamma_rule_keeps_the_candidate_with_the_lowest_model_value():
-  """App. C.3.2: δ* for each of {ω_γγ, γ, γ/ω_γ}; the one minimising f̂(δ*) is kept."""
-  with jax.enable_x64(True):
-    params, x, y, predict = _problem(seed=1)
-    hand = _Hand(params, x, y, 0.0)
-    for gamma in (4.0, 2.0 ** -10):  # one run should move γ down, the other up
-      tx = curvax.kflr(losses.softmax_cross_entropy(), gamma=gamma, tau=0.5, tau_period=0,
-                       gamma_period=1)
-      updates, state = _jit_update(tx)(None, tx.init(params), params, predict, y)
-      factor = 0.95 ** 1
-      candidates = [gamma * factor, gamma, gamma / factor]
-      results = [hand.step(g, 0.5) for g in candidates]
-      best = int(np.argmin([r[2] for r in results]))
-      np.testing.assert_allclose(state.gamma, candidates[best], rtol=1e-6)
-      np.testing.assert_allclose(_flat(updates), results[best][0], rtol=1e-7, atol=1e-12)
-
-
 def test_gamma_rule_never_picks_a_candidate_with_a_non_finite_model_value():
   """A failed inverse gives a NaN model value; argmin alone would pick it (NaN compares
   as the minimum) and every later batch would be skipped on the same choice."""
@@ -169,24 +166,201 @@ def test_gamma_rule_never_picks_a_candidate_with_a_non_finite_model_value():
     assert int(jnp.argmin(jnp.asarray(values))) != best or np.isfinite(values).all()
 
 
-def test_momentum_step_solves_the_two_by_two_model():
-  """KFAC §7: δ = α δ̃ + μ δ_prev with (α, μ) = −M⁻¹ b on the full-GGN model."""
+# ------------------------------------------- several steps: schedules, rules, skips
+
+
+def _blocks_of(flat):
+  """The two Kronecker blocks of a flat (b2, w1, w2) vector: w1 as (4, 5), then w2 with
+  the bias as its last input row, (6, 3)."""
+  return flat[3:23].reshape(4, 5), np.concatenate([flat[23:38].reshape(5, 3),
+                                                   flat[0:3][None]], axis=0)
+
+
+def _from_blocks(x1, x2):
+  return np.concatenate([x2[5], x1.reshape(-1), x2[:5].reshape(-1)])
+
+
+def _damped_inverses(q, g, k):
+  """Eq. 36–38 with dense inverses."""
+  omega = np.sqrt((np.trace(q) / q.shape[0]) / (np.trace(g) / g.shape[0]))
+  return (np.linalg.inv(q + omega * np.sqrt(k) * np.eye(q.shape[0])),
+          np.linalg.inv(g + np.sqrt(k) / omega * np.eye(g.shape[0])))
+
+
+class _HandRun:
+  """kfra_kflr.md App. C over several batches, in numpy: KFLR factors' moving averages,
+  inverses refreshed every ``inverse_period`` steps and on γ-rule steps (stale in
+  between), momentum's 2×2 model, the τ rule every ``tau_period`` steps (a non-finite
+  trial loss rejects the step), the greedy γ rule every ``gamma_period`` steps, the
+  damping bounds, schedules read at the count, and skipped (non-finite) batches, which
+  leave the count — hence every periodic rule — where it was. Records which way τ and
+  γ moved and whether a bound changed a value that was used."""
+
+  def __init__(self, params, gamma, tau, hp):
+    self.w = _flat(params)
+    self.hp = hp
+    self.gamma, self.tau = float(np.float32(gamma)), float(np.float32(tau))
+    self.count, self.rejected, self.skipped = 0, 0, 0
+    self.velocity = np.zeros_like(self.w)
+    self.factors = self.inverse = None
+    self.alpha = self.mu = 0.0
+    self.ratio = np.nan
+    self.events = set()
+
+  def step(self, x, y, *, poison=False, skip=False):
+    if skip:  # a non-finite batch: nothing changes
+      self.skipped += 1
+      return np.zeros_like(self.w)
+    hp, count = self.hp, self.count
+    at = lambda name: float(hp[name](count))
+    rate, decay, eta = at("learning_rate"), at("factor_decay"), at("weight_decay")
+    low, high = hp["min_damping"], hp["max_damping"]
+    hand = _Hand(self.w, x, y, eta)
+    batch = [hand.q1, hand.g1, hand.q2, hand.g2]
+    self.loss = hand.value - 0.5 * eta * self.w @ self.w
+    self.factors = batch if count == 0 else [decay * f + (1 - decay) * b
+                                             for f, b in zip(self.factors, batch)]
+    q1, g1, q2, g2 = self.factors
+    invert = lambda gamma: (_damped_inverses(q1, g1, gamma + eta),
+                            _damped_inverses(q2, g2, gamma + eta))
+    curvature = hand.curvature(self.tau)
+
+    def candidate(inverse):
+      (qi1, gi1), (qi2, gi2) = inverse
+      v1, v2 = _blocks_of(hand.grad)
+      d = _from_blocks(qi1 @ v1 @ gi1, qi2 @ v2 @ gi2)
+      dirs = [d] + ([self.velocity] if self.velocity.any() else [])
+      m = np.array([[a @ curvature @ b for b in dirs] for a in dirs])
+      b = np.array([hand.grad @ a for a in dirs])
+      coef = -np.linalg.solve(m, b)
+      step = sum(c * a for c, a in zip(coef, dirs))
+      return step, coef[0], coef[1] if len(coef) > 1 else 0.0, b @ coef + 0.5 * coef @ m @ coef
+
+    if count % hp["gamma_period"] == 0:
+      omega = 0.95 ** hp["gamma_period"]
+      raw = [self.gamma * omega, self.gamma, self.gamma / omega]
+      gammas = list(np.clip(raw, low, high))
+      results = [(candidate(invert(g)), invert(g)) for g in gammas]
+      best = int(np.argmin([r[0][3] for r in results]))
+      (step, alpha, mu, _), self.inverse = results[best]
+      self.events.add("gamma " + ("down" if gammas[best] < self.gamma else
+                                  "up" if gammas[best] > self.gamma else "kept"))
+      if gammas[best] != raw[best]:
+        self.events.add("gamma clipped")
+      self.gamma = float(np.float32(gammas[best]))
+    else:
+      if count % hp["inverse_period"] == 0:
+        self.inverse = invert(self.gamma)
+      else:
+        self.events.add("stale inverses")
+      step, alpha, mu, _ = candidate(self.inverse)
+    step = rate * step
+    taken = True
+    if (count + 1) % hp["tau_period"] == 0:
+      predicted = hand.grad @ step + 0.5 * step @ curvature @ step
+      trial = np.nan if poison else hand.objective(self.w + step)
+      ratio = (trial - hand.value) / predicted if np.isfinite(trial) else -np.inf
+      taken = bool(np.isfinite(trial))
+      omega = 0.95 ** hp["tau_period"]
+      raw = self.tau * omega if ratio > 0.75 else self.tau / omega
+      tau = float(np.clip(raw, low, high))
+      self.events.add("tau " + ("down" if tau < self.tau else "up" if tau > self.tau
+                                else "kept"))
+      if tau != raw:
+        self.events.add("tau clipped")
+      self.tau, self.ratio = float(np.float32(tau)), ratio
+    self.alpha, self.mu = alpha, mu
+    self.count += 1
+    if not taken:
+      self.rejected += 1
+      self.events.add("rejected")
+      return np.zeros_like(self.w)
+    self.w = self.w + step
+    self.velocity = step
+    return step
+
+  def assert_matches(self, state, *, inverses=True):
+    np.testing.assert_allclose(
+        [state.gamma, state.tau], [self.gamma, self.tau], rtol=1e-6)
+    assert (int(state.count), int(state.num_rejected), int(state.num_skipped)) == (
+        self.count, self.rejected, self.skipped)
+    np.testing.assert_allclose([state.alpha, state.mu], [self.alpha, self.mu],
+                               rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(state.reduction_ratio, self.ratio, rtol=1e-5)
+    np.testing.assert_allclose(state.loss, self.loss, rtol=1e-6)
+    np.testing.assert_allclose(_flat(state.velocity), self.velocity, rtol=1e-7,
+                               atol=1e-13)
+    q1, g1, q2, g2 = self.factors
+    np.testing.assert_allclose(state.factors.q[1][:4, :4], q1, rtol=1e-9)
+    np.testing.assert_allclose(state.factors.g[1], g1, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(state.factors.q[2], q2, rtol=1e-9)
+    np.testing.assert_allclose(state.factors.g[2], g2, rtol=1e-8, atol=1e-14)
+    if inverses:
+      (qi1, gi1), (qi2, gi2) = self.inverse
+      np.testing.assert_allclose(state.inverse.q[1][:4, :4], qi1, rtol=1e-7)
+      np.testing.assert_allclose(state.inverse.g[1], gi1, rtol=1e-7)
+      np.testing.assert_allclose(state.inverse.q[2], qi2, rtol=1e-7)
+      np.testing.assert_allclose(state.inverse.g[2], gi2, rtol=1e-7)
+
+
+_SCHEDULES = dict(learning_rate=lambda c: 1.0 / (1.0 + 0.25 * c),
+                  factor_decay=lambda c: jnp.where(c % 2 == 0, 0.5, 0.8),
+                  weight_decay=lambda c: (1 + c % 3) / 128)
+
+
+def test_schedules_periodic_rules_rejected_and_skipped_steps_against_a_hand_run():
+  """Steps 0–8 of KFLR with momentum against :class:`_HandRun`: the factors' moving
+  average past step 1, inverses stale between refreshes (period 2), the τ rule (period
+  2) and the γ rule (period 3) moving both ways and clipped at the bounds, a step whose
+  trial loss is NaN rejected, a NaN batch shifting every periodic rule by one batch;
+  learning rate, factor decay and weight decay are schedules of the count, and the
+  bounds are injected arrays (``optax.inject_hyperparams``), changed between runs."""
   with jax.enable_x64(True):
-    params, x, y, predict = _problem(seed=2)
-    tx = curvax.kflr(losses.softmax_cross_entropy(), gamma=0.5, tau=0.25, momentum=True,
-                     factor_decay=0.0, tau_period=0, gamma_period=0)
-    update = _jit_update(tx)
-    u1, state = update(None, tx.init(params), params, predict, y)
-    np.testing.assert_allclose(_flat(u1), _Hand(params, x, y, 0.0).step(0.5, 0.25)[0],
-                               rtol=1e-8, atol=1e-12)
-    params1 = optax.apply_updates(params, u1)
-    u2, state = update(None, state, params1, predict, y)
-    hand = _Hand(params1, x, y, 0.0)
-    d, prev, c = hand.direction(0.5), _flat(u1), hand.curvature(0.25)
-    m = np.array([[d @ c @ d, d @ c @ prev], [prev @ c @ d, prev @ c @ prev]])
-    alpha, mu = -np.linalg.solve(m, np.array([hand.grad @ d, hand.grad @ prev]))
-    np.testing.assert_allclose(_flat(u2), alpha * d + mu * prev, rtol=1e-7, atol=1e-12)
-    np.testing.assert_allclose([state.alpha, state.mu], [alpha, mu], rtol=1e-5)
+    params, *_ = _problem()
+    periods = dict(inverse_period=2, tau_period=2, gamma_period=3)
+    # Schedules passed through as such (static): optax would evaluate them at its own
+    # count, which also counts skipped batches.
+    tx = optax.inject_hyperparams(curvax.kflr, static_args=tuple(_SCHEDULES))(
+        loss=losses.softmax_cross_entropy(), momentum=True, min_damping=1e-3,
+        max_damping=8.0, **_SCHEDULES, **periods)
+
+    @jax.jit
+    def step(params, state, x, y, poison):
+      anchor = jnp.sum(params["w1"])
+
+      def predict(p):  # NaN wherever w1 moved, if poisoned: the trial loss
+        out = kron.dense(jax.nn.sigmoid(kron.dense(x, p["w1"])), p["w2"], p["b2"])
+        return out + jnp.where(poison & (jnp.sum(p["w1"]) != anchor), jnp.nan, 0.0)
+
+      return tx.update(None, state, params, predict_fn=predict, targets=y)
+
+    # (batch seed, poisoned, NaN batch): count 1 is a τ step (rejected), the NaN batch
+    # arrives at count 3 (a γ step), so the γ rule runs on the next batch.
+    plan = [(0, False, False), (1, True, False), (2, False, False), (3, False, True),
+            (4, False, False), (5, False, False), (6, False, False), (7, False, False),
+            (8, False, False)]
+    events = set()
+    # Run 1: γ and τ rise onto max_damping; run 2: γ falls, then rises, τ both ways.
+    for gamma, tau, low, high in ((4.0, 4.0, 1e-3, 4.2), (4.0, 1e-3, 1e-3, 8.0)):
+      state = tx.init(params)
+      state.hyperparams.update(min_damping=jnp.asarray(low), max_damping=jnp.asarray(high))
+      state = state._replace(inner_state=state.inner_state._replace(
+          gamma=jnp.float32(gamma), tau=jnp.float32(tau)))
+      hand = _HandRun(params, gamma, tau, dict(_SCHEDULES, min_damping=low,
+                                               max_damping=high, **periods))
+      p = params
+      for seed, poison, nan in plan:
+        _, x, y, _ = _problem(seed=seed + 10)
+        if nan:
+          x = x.at[0, 0].set(jnp.nan)
+        updates, state = step(p, state, x, y, poison)
+        expected = hand.step(x, y, poison=poison, skip=nan)
+        np.testing.assert_allclose(_flat(updates), expected, rtol=1e-7, atol=1e-13)
+        hand.assert_matches(state.inner_state, inverses=not nan)
+        p = optax.apply_updates(p, updates)
+      events |= hand.events
+    assert events >= {"gamma down", "gamma up", "gamma clipped", "tau down", "tau up",
+                      "tau clipped", "stale inverses", "rejected"}, events
 
 
 # ------------------------------------------------------ jit, NaN batches, training
