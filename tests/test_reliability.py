@@ -128,19 +128,33 @@ def test_a_non_finite_batch_is_skipped_and_training_continues(name):
   assert_trees_equal(after[1]._replace(num_skipped=expected[1].num_skipped), expected[1])
 
 
-@solver_names
-def test_bfloat16_parameters_train_without_nan(name):
-  tx, step = solver(name)
-  params = init_params(jnp.bfloat16)
+LOW_PRECISION = ([(name, jnp.bfloat16) for name in SOLVERS]
+                 + [(name, jnp.float16) for name in ("kfac", "kflr", "kfra")])
+
+
+@pytest.mark.parametrize("name,dtype", LOW_PRECISION,
+                         ids=[f"{n}-{jnp.dtype(d).name}" for n, d in LOW_PRECISION])
+def test_low_precision_parameters_train_without_nan(name, dtype):
+  tx = SOLVERS[name]()
+
+  @jax.jit
+  def step(params, state, x, y):
+    updates, state = tx.update(None, state, params, predict_fn=lambda p: predict(p, x),
+                               targets=y)
+    return optax.apply_updates(params, updates), state, updates
+
+  params = init_params(dtype)
   state = tx.init(params)
   # One batch throughout: the loss on it must fall (fresh random-label batches would
   # make the loss on any one of them non-monotone in float32 as well).
   x0, y0 = batch(0)
-  x0 = x0.astype(jnp.bfloat16)
+  x0 = x0.astype(dtype)
   first = curvax.losses.get(LOSS).value(predict(params, x0), y0)
   for _ in range(STEPS):
-    params, state = step(params, state, x0, y0)
-  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    params, state, updates = step(params, state, x0, y0)
+    # Updates in the parameters' dtypes, as optax's own transforms return them.
+    assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+  assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(params))
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
   assert int(state.num_skipped) == 0
   last = curvax.losses.get(LOSS).value(predict(params, x0), y0)
@@ -155,6 +169,9 @@ BAD_CONFIGS = [
     (curvax.sqn, dict(pair_period=0), "pair_period"),
     (curvax.sqn, dict(memory=0), "memory"),
     (curvax.lsr1, dict(learning_rate=0.0), "learning_rate"),
+    (curvax.kfac, dict(learning_rate=jnp.asarray(-1.0)), "learning_rate"),
+    (curvax.kflr, dict(factor_decay=np.float32(1.0)), "factor_decay"),
+    (curvax.kflr, dict(gamma=1e-9, min_damping=1e-8), "gamma"),
 ]
 
 
