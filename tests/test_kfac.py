@@ -538,6 +538,36 @@ def test_flax_nnx_optimizer_with_tagged_layers_matches_pure_jax():
   assert int(optimizer.opt_state.count[...]) == 2
 
 
+# ------------------------------------------------------- optax.inject_hyperparams
+
+
+def test_inject_hyperparams_with_default_arguments_matches_constants():
+  """``optax.inject_hyperparams(curvax.kfac)`` injects every numeric argument, the
+  default integers included, as (traced) arrays; two steps (count 1: a τ step with
+  stale inverses; a γ period of 0 disables the rule) equal the constant solver's."""
+  with jax.enable_x64(True):
+    params, _, y, predict = _problem(batch=4)
+    settings = dict(learning_rate=0.5, factor_decay=0.8, tau_period=2, gamma_period=0,
+                    inverse_period=2)
+    runs = []
+    for tx in (curvax.kfac(losses.softmax_cross_entropy(), **settings),
+               optax.inject_hyperparams(curvax.kfac)(
+                   loss=losses.softmax_cross_entropy(),
+                   **{k: jnp.asarray(v) for k, v in settings.items()})):
+      update = jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, predict_fn=predict,
+                                                    targets=y))
+      p, state = params, tx.init(params)
+      for _ in range(2):
+        updates, state = update(p, state)
+        p = optax.apply_updates(p, updates)
+      runs.append((p, getattr(state, "inner_state", state)))
+    (p0, s0), (p1, s1) = runs
+    np.testing.assert_allclose(_flat(p1), _flat(p0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose([s1.gamma, s1.tau, s1.reduction_ratio],
+                               [s0.gamma, s0.tau, s0.reduction_ratio], rtol=1e-10)
+    assert float(s0.tau) != 1e-2 and float(s0.gamma) == np.float32(1e-2)
+
+
 # -------------------------------------------------------------------- bad inputs
 
 
@@ -561,6 +591,30 @@ def test_bad_arguments_are_clear_errors():
                         (dict(tau_period=-1), "tau_period")):
     with pytest.raises(ValueError, match=match):
       curvax.kflr(loss, **kwargs)
+  for factory in (curvax.kfac, curvax.kflr, curvax.kfra):
+    with pytest.raises(TypeError, match=rf"curvax\.{factory.__name__}\(\) .*'damping'.*"
+                                        r"gamma=.*tau="):
+      factory(loss, damping=1e-3, activations=jnp.tanh) if factory is curvax.kfra else \
+          factory(loss, damping=1e-3)
+  with pytest.raises(TypeError, match="did you mean 'learning_rate'"):
+    curvax.kflr(loss, learnig_rate=0.5)
+  with pytest.raises(TypeError, match="boolean"):
+    curvax.kflr(loss, learning_rate=True)
+  with pytest.raises(TypeError, match="inverse_period must be an integer"):
+    curvax.kflr(loss, inverse_period=2.0)
+  # Gradients that are not shaped like the params: named, not an IndexError.
+  with pytest.raises(ValueError, match="curvax.kflr: the updates .* structure of params"):
+    tx.update({"w1": params["w1"]}, state, params, predict_fn=predict, targets=y)
+  with pytest.raises(ValueError, match=r"curvax.kflr: the gradient leaf \['w2'\]"):
+    tx.update(dict(params, w2=params["w2"].T), state, params, predict_fn=predict,
+              targets=y)
+  # num_samples sets shapes: injected (traced), it is refused with the way out.
+  injected = optax.inject_hyperparams(curvax.kfac)(loss=loss, num_samples=2)
+  with pytest.raises(ValueError, match="static_args='num_samples'"):
+    jax.jit(lambda s: injected.update(None, s, params, predict_fn=predict, targets=y))(
+        injected.init(params))
+  with pytest.raises(TypeError, match="static_args='activations'"):
+    optax.inject_hyperparams(curvax.kfra)(loss=loss, activations=jnp.tanh).init(params)
   untagged = lambda p: jax.nn.sigmoid(x @ p["w1"]) @ p["w2"] + p["b2"]
   with pytest.raises(ValueError, match="found no Dense or Conv layer"):
     tx.update(None, state, params, predict_fn=untagged, targets=y)
