@@ -161,6 +161,54 @@ def test_kfra_recursion_matches_algorithm_1_by_hand():
     np.testing.assert_allclose(estimate.g[0], g_hidden, rtol=1e-10)
 
 
+def test_kfra_recursion_through_relu_and_linear_gaps_with_softmax():
+  """Algorithm 1 in numpy on four layers with biases (gaps ReLU, linear, ReLU), a batch
+  of 5 and softmax cross-entropy, whose H_n differs per example:
+  𝒢_L = (1/B) Σ_n (diag p_n − p_n p_nᵀ), 𝒢_{λ−1} = (W_λᵀ𝒢_λW_λ) ⊙ (1/B) Σ_n f′(h_n)f′(h_n)ᵀ
+  (f′ = 1 across the linear gap), and Q̃_λ = (1/B) Σ_n ã_n ã_nᵀ with the bias's 1."""
+  with jax.enable_x64(True):
+    dims, batch = (4, 5, 4, 4, 3), 5
+    keys = jax.random.split(jax.random.PRNGKey(11), 2 * len(dims))
+    params = [{"w": jax.random.normal(keys[2 * i], (dims[i], dims[i + 1]), jnp.float64),
+               "b": 0.3 * jax.random.normal(keys[2 * i + 1], (dims[i + 1],), jnp.float64)}
+              for i in range(len(dims) - 1)]
+    x = jax.random.normal(keys[-1], (batch, dims[0]), jnp.float64)
+    targets = jnp.arange(batch) % 3
+    gaps = [jax.nn.relu, None, jax.nn.relu]
+
+    def predict(p):
+      a = x
+      for i, layer in enumerate(p):
+        a = kron.dense(a, layer["w"], layer["b"])
+        if i < len(gaps) and gaps[i] is not None:
+          a = gaps[i](a)
+      return a
+
+    estimate, _ = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
+                            lambda cap: kron.kfra_factors(cap, gaps))
+    w = [np.asarray(layer["w"]) for layer in params]
+    b = [np.asarray(layer["b"]) for layer in params]
+    inputs, pre = [np.asarray(x)], []
+    for i in range(len(w)):
+      pre.append(inputs[-1] @ w[i] + b[i])
+      if i < len(gaps):
+        inputs.append(np.maximum(pre[-1], 0) if gaps[i] is not None else pre[-1])
+    logits = pre[-1]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    g = [None] * len(w)
+    g[-1] = sum(np.diag(p) - np.outer(p, p) for p in probs) / batch
+    for lam in range(len(w) - 1, 0, -1):
+      slope = (pre[lam - 1] > 0).astype(float) if gaps[lam - 1] is not None else \
+          np.ones_like(pre[lam - 1])
+      g[lam - 1] = (w[lam] @ g[lam] @ w[lam].T) * (slope.T @ slope / batch)
+    assert not np.all(slope == 1) and not np.all(slope == 0)
+    for lam in range(len(w)):
+      a = np.concatenate([inputs[lam], np.ones((batch, 1))], axis=1)
+      np.testing.assert_allclose(estimate.q[lam], a.T @ a / batch, rtol=1e-12)
+      np.testing.assert_allclose(estimate.g[lam], g[lam], rtol=1e-10, atol=1e-14)
+
+
 # ------------------------------------------------------------------------- KFAC
 
 
