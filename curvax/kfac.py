@@ -20,7 +20,10 @@ eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One 
 5. every ``tau_period`` steps the Levenberg-Marquardt rule on
    ``ρ = (f(θ + δ*) − f(θ)) / (f̂(δ*) − f̂(0))`` (eq. 42): ``τ·ω_τ`` if ``ρ > 0.75``,
    ``τ/ω_τ`` if ``ρ < 0.75``, ``ω_τ = 0.95^{T_τ}`` (App. C.3.1) — one extra forward pass
-   on those steps;
+   on those steps. A step whose trial loss ``f(θ + δ*)`` is not finite is rejected
+   (not applied) and ``τ`` grows as for ``ρ < 0.75`` (see :class:`KFACState`); the γ
+   rule needs no such guard: it evaluates only the quadratic model, and a candidate
+   with a non-finite model value is never chosen;
 6. every ``gamma_period`` steps the greedy γ rule (App. C.3.2): the inverses and the
    step are computed for each of ``{ω_γ γ, γ, γ/ω_γ}`` (``ω_γ = 0.95^{T_γ}``) and the
    ``γ`` whose ``δ*`` minimises the quadratic model ``f̂(δ*)`` — the full-GGN model of
