@@ -387,7 +387,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       taken = jnp.isfinite(new_value)
       # A NaN ratio would leave τ unchanged: a non-finite trial loss counts as ρ = −∞.
       ratio = jnp.where(taken, quadratic.reduction_ratio(actual, predicted), -jnp.inf)
-      new_tau = damping_lib.tau_rule(tau_now, ratio, factor=jnp.asarray(tau_factor, dtype=tau_now.dtype),
+      new_tau = damping_lib.tau_rule(tau_now, ratio,
+                                     factor=jnp.asarray(tau_factor, tau_now.dtype),
                                      min_tau=bounds[0], max_tau=bounds[1])
       return new_tau.astype(tau_now.dtype), ratio.astype(jnp.float32), taken
 
@@ -419,7 +420,8 @@ _COMMON_ARGS = """
       number or an ``optax.Schedule`` of the step count.
     gamma: initial ``γ``, the damping of the Kronecker-factored curvature (eq. 35).
     tau: initial ``τ``, the damping of the full-GGN model that sets the step size
-      (eq. 41).
+      (eq. 41). ``γ`` and ``τ`` are read by ``init`` only (the rules adapt them in the
+      state): a number or an array, not a schedule.
     weight_decay: ``η``, an L2 term ``(η/2)‖θ‖²`` added to the objective; it enters the
       gradient, ``k = γ + η`` and the model's ``τ + η`` (App. C). A number or a
       schedule.
@@ -483,7 +485,8 @@ def _documented(fn):
       "{common}", _COMMON_ARGS.rstrip())
   own = [p for p in inspect.signature(fn).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]
-  fn.__signature__ = inspect.signature(fn).replace(parameters=own + list(_COMMON_PARAMETERS))
+  fn.__signature__ = inspect.signature(fn).replace(
+      parameters=own + list(_COMMON_PARAMETERS))
   return fn
 
 
@@ -495,16 +498,17 @@ def _common(solver: str, kwargs: dict, own: Sequence[str] = ()) -> dict:
     hints = []
     for arg in unknown:
       if "damp" in arg or arg in ("lambda_", "lam", "lmbda", "l2_reg"):
-        hints.append(f"{arg!r}: the damping is gamma= (initial γ, of the Kronecker-factored "
-                     "curvature, App. C.3.2) and tau= (initial τ, of the full-GGN model "
+        hints.append(f"{arg!r}: the damping is gamma= (initial γ, of the "
+                     "Kronecker-factored curvature, App. C.3.2) and tau= (initial τ, of "
+                     "the full-GGN model "
                      "that sets the step size, App. C.3.1), bounded by min_damping= and "
                      "max_damping=")
       else:
         close = difflib.get_close_matches(arg, sorted(_COMMON_NAMES | set(own)), n=1)
         hints.append(f"{arg!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    names = ", ".join(["loss", *own, *sorted(_COMMON_NAMES)])
     raise TypeError(f"{solver}() got unexpected keyword argument(s): " + "; ".join(hints)
-                    + ". Its arguments: " + ", ".join(["loss", *own, *sorted(_COMMON_NAMES)])
-                    + ".")
+                    + f". Its arguments: {names}.")
   return kwargs
 
 

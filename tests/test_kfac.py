@@ -234,7 +234,8 @@ class _HandRun:
       b = np.array([hand.grad @ a for a in dirs])
       coef = -np.linalg.solve(m, b)
       step = sum(c * a for c, a in zip(coef, dirs))
-      return step, coef[0], coef[1] if len(coef) > 1 else 0.0, b @ coef + 0.5 * coef @ m @ coef
+      value = b @ coef + 0.5 * coef @ m @ coef
+      return step, coef[0], coef[1] if len(coef) > 1 else 0.0, value
 
     if count % hp["gamma_period"] == 0:
       omega = 0.95 ** hp["gamma_period"]

@@ -311,7 +311,8 @@ def _gap_function(closed, source, target) -> Optional[Callable[[Array], Array]]:
 
 
 def check_declared_activations(capture: Capture, activations: Sequence[Activation], *,
-                               tolerance: float = 1e-3, solver: str = "curvax.kfra") -> None:
+                               tolerance: float = 1e-3,
+                               solver: str = "curvax.kfra") -> None:
   """Trace-time check that each declared activation is what the model applies.
 
   The model's jaxpr (:meth:`Capture.layer_jaxpr`) gives, per gap, the computation from
