@@ -74,3 +74,41 @@ def concrete_value(value: Any) -> Optional[float]:
 def value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
   """A hyperparameter's value at step ``count`` (a schedule is called, a number kept)."""
   return value(count) if callable(value) else value
+
+
+def check_integer(name: str, value: Any, least: int) -> Optional[int]:
+  """An integer hyperparameter ``>= least`` that may be traced (e.g. a rule's period,
+  which ``optax.inject_hyperparams`` turns into an array): a Python/NumPy integer or an
+  integer 0-d JAX array. Returns its value, or ``None`` when it is traced."""
+  if isinstance(value, (bool, np.bool_)) or callable(value):
+    raise TypeError(f"{name} must be an integer, got {value!r}.")
+  dtype = getattr(value, "dtype", None)
+  integral = (isinstance(value, (int, np.integer)) if dtype is None
+              else np.issubdtype(dtype, np.integer) and np.ndim(value) == 0)
+  if not integral:
+    raise TypeError(f"{name} must be an integer, got {value!r}.")
+  number = concrete_value(value)
+  if number is None:
+    return None
+  if number < least:
+    disabled = " (0 disables the rule)" if least == 0 else ""
+    raise ValueError(f"{name} must be an integer >= {least}{disabled}, got {value!r}.")
+  return int(number)
+
+
+def static_int(name: str, value: Any, default: int) -> int:
+  """An integer hyperparameter that fixes array shapes or loop lengths, ``>= 1``.
+
+  ``None`` means ``default``; NumPy and concrete 0-d JAX integers are accepted; a traced
+  value (``optax.inject_hyperparams`` without ``static_args``) is refused with the fix.
+  """
+  if value is None:
+    return default
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    raise TypeError(f"{name} fixes array shapes and must be a concrete integer; under "
+                    f"optax.inject_hyperparams pass static_args=({name!r},).")
+  array = np.asarray(value)
+  if (isinstance(value, (bool, np.bool_)) or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer) or int(array) < 1):
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  return int(array)

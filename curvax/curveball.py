@@ -44,7 +44,7 @@ from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_positive, concrete_value, value_at)
+                                check_integer, check_positive, concrete_value, value_at)
 
 PyTree = Any
 
@@ -130,10 +130,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
   check_fraction("damping_factor", damping_factor)
   check_positive("min_damping", min_damping)
   check_positive("max_damping", max_damping)
-  period = concrete_value(damping_period)
-  if period is not None and not (period >= 0 and period == int(period)):
-    raise ValueError(f"damping_period must be an integer >= 0 (0 disables the λ rule), "
-                     f"got {damping_period!r}.")
+  period = check_integer("damping_period", damping_period, 0)
   bounds = [concrete_value(v) for v in (min_damping, damping, max_damping)]
   if None not in bounds and not bounds[0] <= bounds[1] <= bounds[2]:
     raise ValueError(f"damping must lie in [min_damping, max_damping] = "

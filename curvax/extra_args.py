@@ -81,10 +81,7 @@ def model_from(solver: str, *, predict_fn: Optional[Callable] = None, targets=No
   return predict_fn, targets
 
 
-_NOT_GIVEN = object()
-
-
-def given_gradient(solver, updates=_NOT_GIVEN, params=None):
+def given_gradient(solver: str, updates, params):
   """The caller's gradient, or ``None`` when the solver should compute its own.
 
   ``None`` and empty pytrees both mean "compute it": ``flax.nnx.Optimizer.update(model,
@@ -97,16 +94,10 @@ def given_gradient(solver, updates=_NOT_GIVEN, params=None):
     solver: the solver's name, for the error message.
     updates: the ``updates`` argument of the solver's ``update``.
     params: the parameters the gradient must match.
-
-  The single-argument form ``given_gradient(updates)`` (no check) is kept for callers
-  not yet moved to this signature.
   """
-  if updates is _NOT_GIVEN:
-    solver, updates = None, solver
   if updates is None or not jax.tree.leaves(updates):
     return None
-  if solver is not None and params is not None:
-    check_matches_params(solver, updates, params)
+  check_matches_params(solver, updates, params)
   return updates
 
 

@@ -40,7 +40,7 @@ from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_positive, concrete_value, value_at)
+                                check_positive, concrete_value, static_int, value_at)
 
 PyTree = Any
 
@@ -217,24 +217,6 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     return nonfinite.guard(finite, step, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def static_int(name: str, value: Any, default: int) -> int:
-  """An integer hyperparameter that fixes array shapes or loop lengths, ``>= 1``.
-
-  ``None`` means ``default``; NumPy and concrete 0-d JAX integers are accepted; a traced
-  value (``optax.inject_hyperparams`` without ``static_args``) is refused with the fix.
-  """
-  if value is None:
-    return default
-  if isinstance(value, jax.core.Tracer) or callable(value):
-    raise TypeError(f"{name} fixes array shapes and must be a concrete integer; under "
-                    f"optax.inject_hyperparams pass static_args=({name!r},).")
-  array = np.asarray(value)
-  if (isinstance(value, (bool, np.bool_)) or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer) or int(array) < 1):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-  return int(array)
 
 
 def _scale(scalar, tree):

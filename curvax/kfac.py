@@ -66,7 +66,7 @@ from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_positive, concrete_value, value_at)
+                                check_integer, check_positive, concrete_value, value_at)
 from curvax.kron import state as kron_state
 
 PyTree = Any
@@ -119,27 +119,6 @@ class KFACState(NamedTuple):
   num_rejected: jax.Array
 
 
-def _check_integer(solver: str, name: str, value: Any, least: int) -> Optional[int]:
-  """An integer hyperparameter ``>= least``: a Python/NumPy integer or an integer JAX
-  scalar (``optax.inject_hyperparams`` turns integers into arrays). Returns its value,
-  or ``None`` when it is traced."""
-  if isinstance(value, (bool, np.bool_)) or callable(value):
-    raise TypeError(f"{solver}: {name} must be an integer, got {value!r}.")
-  dtype = getattr(value, "dtype", None)
-  integral = (isinstance(value, (int, np.integer)) if dtype is None
-              else jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(value) == 0)
-  if not integral:
-    raise TypeError(f"{solver}: {name} must be an integer, got {value!r}.")
-  number = concrete_value(value)
-  if number is None:
-    return None
-  if number < least:
-    disabled = " (0 disables the rule)" if least == 0 else ""
-    raise ValueError(f"{solver}: {name} must be an integer >= {least}{disabled}, got "
-                     f"{value!r}.")
-  return int(number)
-
-
 def _due(count: jax.Array, period: Any) -> Union[bool, jax.Array]:
   """Whether a rule with this period runs at ``count`` (``count % period == 0``; a
   period of 0 never). ``False`` (a Python bool) when that is known at trace time."""
@@ -179,10 +158,10 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
   check_in_range(label("factor_decay"), factor_decay, 0.0, 1.0, schedule=True)
   if concrete_value(factor_decay) == 1.0:
     raise ValueError(f"{name}: factor_decay must lie in [0, 1), got {factor_decay!r}.")
-  _check_integer(name, "inverse_period", inverse_period, 1)
-  _check_integer(name, "tau_period", tau_period, 0)
-  _check_integer(name, "gamma_period", gamma_period, 0)
-  _check_integer(name, "seed", seed, -2**31)
+  check_integer(f"{name}: inverse_period", inverse_period, 1)
+  check_integer(f"{name}: tau_period", tau_period, 0)
+  check_integer(f"{name}: gamma_period", gamma_period, 0)
+  check_integer(f"{name}: seed", seed, -2**31)
   tau_factor = damping_lib.period_factor(tau_period) if tau_factor is None else tau_factor
   gamma_factor = (damping_lib.period_factor(gamma_period) if gamma_factor is None
                   else gamma_factor)
@@ -206,7 +185,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
   if max_factor_dim is not None:
     # Only init reads it (the update reads the slots from the state's shapes), so an
     # injected, traced value is fine there.
-    _check_integer(name, "max_factor_dim", max_factor_dim, 2)
+    check_integer(f"{name}: max_factor_dim", max_factor_dim, 2)
   # A weight decay known to be 0 drops its terms from the step; any other (an array, a
   # schedule, a traced value) keeps them.
   decays = concrete_value(weight_decay) != 0
@@ -235,9 +214,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     if params is None:
       raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
                        "params, predict_fn=..., targets=...).")
-    given = extra_args_lib.given_gradient(updates)
-    if given is not None:
-      _check_matches_params(name, given, params)
+    given = extra_args_lib.given_gradient(name, updates, params)
     # The capture runs the network itself; a passed-in linearisation supplies the model.
     predict, targets = extra_args_lib.model_from(
         name, predict_fn=predict_fn, targets=targets, linearization=linearization,
@@ -398,20 +375,6 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     return jax.lax.cond(due, evaluate, keep)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_matches_params(solver: str, grads: PyTree, params: PyTree) -> None:
-  """A given gradient must have the parameters' tree structure and leaf shapes."""
-  if jax.tree.structure(grads) != jax.tree.structure(params):
-    raise ValueError(f"{solver}: the updates (gradient) passed to update() do not have "
-                     f"the structure of params:\n  updates: {jax.tree.structure(grads)}"
-                     f"\n  params:  {jax.tree.structure(params)}")
-  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                          jax.tree.leaves(params)):
-    if jnp.shape(g) != jnp.shape(p):
-      raise ValueError(f"{solver}: the gradient leaf {jax.tree_util.keystr(path)} has "
-                       f"shape {jnp.shape(g)} but the parameter has shape "
-                       f"{jnp.shape(p)}.")
 
 
 _COMMON_ARGS = """

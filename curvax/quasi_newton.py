@@ -34,8 +34,7 @@ from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import pairs
 from curvax._validation import (ScalarOrSchedule, check_in_range, check_positive,
-                                value_at)
-from curvax.hessian_free import static_int
+                                static_int, value_at)
 
 PyTree = Any
 
