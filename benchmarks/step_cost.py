@@ -31,7 +31,8 @@ PASSES = {
     "curveball": ["forward (linearize)", "J z", "Jᵀ(H_L J z + ∇L)", "J Δz (eq. 19)",
                   "forward at w+αz (λ rule, 1 step in 5)"],
     "curveball/fixed": ["forward (linearize)", "J z", "Jᵀ(H_L J z + ∇L)",
-                        "forward at w+αz (λ rule, 1 step in 5)"],
+                        "forward + J Δz at w, forward at w+αz (λ rule, 1 step in 5)"],
+    "curveball/fixed, no λ rule": ["forward (linearize)", "J z", "Jᵀ(H_L J z + ∇L)"],
 }
 
 
@@ -64,6 +65,8 @@ def _steps(model, x, y, loss):
       "sgd": (sgd, sgd_step),
       "curveball": solver_step(curvax.curveball(loss)),
       "curveball/fixed": solver_step(curvax.curveball(loss, rho=0.9, beta=0.01)),
+      "curveball/fixed, no λ rule": solver_step(
+          curvax.curveball(loss, rho=0.9, beta=0.01, damping_period=0)),
   }
 
 
