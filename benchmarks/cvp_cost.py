@@ -22,18 +22,17 @@ iterates kept for CG backtracking; target ≤ 1.3). Both are marginal costs: the
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import jax
 import optax
 
 import curvax
+from curvax.hessian_free import DEFAULT_NUM_SAVED
 from benchmarks.timing import median_times, report_ratios
 from curvax.problems import training
 from curvax.problems.models import MLP
 
 CG_ITERS = 10
-HF_DEFAULTS = inspect.signature(curvax.hessian_free).parameters
 
 
 def products(batch_size: int = 256, seed: int = 0):
@@ -78,7 +77,7 @@ def products(batch_size: int = 256, seed: int = 0):
 
   cg_short, cg_long = cg_solve(CG_ITERS), cg_solve(2 * CG_ITERS)
   # hessian_free's solve: its default num_saved iterates kept for CG backtracking.
-  hf_saved = HF_DEFAULTS["num_saved"].default
+  hf_saved = DEFAULT_NUM_SAVED
   hf_short, hf_long = cg_solve(CG_ITERS, hf_saved), cg_solve(2 * CG_ITERS, hf_saved)
   return {
       "grad": lambda: grad(params),

@@ -67,6 +67,11 @@ class HessianFreeState(NamedTuple):
   num_skipped: jax.Array
 
 
+# What the shape-fixing integers mean when left at None (see hessian_free's Args).
+DEFAULT_MAX_CG_ITERS = 50
+DEFAULT_NUM_SAVED = 8
+
+
 def hessian_free(loss: "losses_lib.Loss | str", *,
                  learning_rate: ScalarOrSchedule = 1.0, damping: float = 1.0,
                  curvature: str = "ggn", max_cg_iters: Optional[int] = None,
@@ -126,8 +131,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
   check_fraction("damping_factor", damping_factor, schedule=True)
   if curvature not in ("ggn", "hessian"):
     raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
-  max_cg_iters = static_int("max_cg_iters", max_cg_iters, 50)
-  num_saved = static_int("num_saved", num_saved, 8)
+  max_cg_iters = static_int("max_cg_iters", max_cg_iters, DEFAULT_MAX_CG_ITERS)
+  num_saved = static_int("num_saved", num_saved, DEFAULT_NUM_SAVED)
   preconditioner_samples = static_int("preconditioner_samples", preconditioner_samples, 1)
   check_in_range("min_cg_iters", min_cg_iters, 1, max_cg_iters)
   check_positive("cg_tol", cg_tol, schedule=True)

@@ -1,0 +1,267 @@
+"""Time to loss: every curvax solver with its defaults against tuned first-order methods.
+
+    python -m benchmarks.time_to_loss [--budget 40] [--problems autoencoder,mlp,cnn]
+
+Problems (MNIST, shipped in a registry wheel):
+
+* ``autoencoder`` — the paper-scale deep autoencoder 784-1000-500-250-30-250-500-1000-784
+  (sigmoid, Bernoulli BCE summed over pixels; kfra_kflr.md §5), 20 000 training images,
+  batch 1000;
+* ``mlp`` — CurveBall's MNIST classifier 784-1000-500-250-10 (tanh), 30 000 images,
+  batch 128;
+* ``cnn`` — the basic CNN of curveball.md §5.2, 10 000 images, batch 128.
+
+Every optimiser gets the same wall-clock ``--budget`` of training steps on the same
+batch stream from the same initialisation; compilation is timed separately and is not
+in the budget, nor is evaluating the loss on a fixed probe of 5 000 training images
+(2 000 for the CNN). Adam and SGD + momentum take the best learning rate of a small grid,
+chosen by a run of ``budget / 4`` on a separate seed (initialisation and batch order).
+The curvax solvers run with no tuning argument at all (KFRA is told the network's
+elementwise function, which its recursion needs; it refuses the CNN).
+
+For each solver the result is the wall-clock to reach the best first-order method's
+final probe loss, as a ratio to the time that method itself needed to get there.
+Writes ``benchmarks/results/time_to_loss.{json,png}`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvax
+from curvax.problems import datasets, models, training
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+SOLVERS: dict[str, Callable] = {
+    "kfac": curvax.kfac, "kflr": curvax.kflr, "kfra": curvax.kfra,
+    "curveball": curvax.curveball, "hessian_free": curvax.hessian_free,
+    "sqn": curvax.sqn, "lsr1": curvax.lsr1,
+}
+FIRST_ORDER = {
+    "adam": (optax.adam, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
+    "sgd+momentum": (lambda lr: optax.sgd(lr, momentum=0.9), (1e-3, 1e-2, 3e-2, 1e-1)),
+}
+
+
+class Problem(NamedTuple):
+  model: Callable
+  loss: curvax.losses.Loss
+  train: datasets.Dataset
+  probe: datasets.Dataset
+  batch_size: int
+  autoencoder: bool
+  activation: Callable | None  # the network's elementwise function, for KFRA's recursion
+
+
+def problem(name: str, *, scale: float = 1.0) -> Problem:
+  """A problem of the module docstring; ``scale`` < 1 shrinks the data (tests, smoke runs)."""
+  size = lambda n: max(int(n * scale), 1)
+  if name == "autoencoder":
+    data = datasets.subset(datasets.load_mnist("train"), size(20000))
+    return Problem(models.Autoencoder(), curvax.losses.sigmoid_binary_cross_entropy(), data,
+                   datasets.subset(data, size(5000)), size(1000), True, jax.nn.sigmoid)
+  if name == "mlp":
+    data = datasets.subset(datasets.load_mnist("train"), size(30000))
+    return Problem(models.MLP(features=(1000, 500, 250, 10)),
+                   curvax.losses.softmax_cross_entropy(), data,
+                   datasets.subset(data, size(5000)), size(128), False, jnp.tanh)
+  if name == "cnn":
+    data = datasets.subset(datasets.load_mnist("train", flatten=False), size(10000))
+    return Problem(models.BasicCNN(num_classes=10), curvax.losses.softmax_cross_entropy(),
+                   data, datasets.subset(data, size(2000)), size(128), False, None)
+  raise ValueError(f"unknown problem {name!r}; expected autoencoder, mlp or cnn")
+
+
+def _stream(prob: Problem, seed: int):
+  """Endless ``(inputs, targets)`` batches, epoch after epoch, in an order from ``seed``."""
+  epoch = 0
+  while True:
+    for x, y in datasets.batches(prob.train, prob.batch_size,
+                                 jax.random.PRNGKey(1000 * seed + epoch)):
+      yield x, (x if prob.autoencoder else y)
+    epoch += 1
+
+
+def run_one(prob: Problem, tx, *, second_order: bool, budget: float, seed: int,
+            eval_every: float) -> dict:
+  """Train for ``budget`` seconds of steps; the probe loss every ``eval_every`` seconds."""
+  params = prob.model.init(jax.random.PRNGKey(seed), prob.train.inputs[:1])
+  probe_targets = prob.probe.inputs if prob.autoencoder else prob.probe.labels
+  evaluate = jax.jit(lambda p: prob.loss.value(prob.model.apply(p, prob.probe.inputs),
+                                               probe_targets))
+  step = training.make_step(prob.model, tx, prob.loss, second_order=second_order)
+  batches = _stream(prob, seed)
+  state = tx.init(params)
+  x, y = next(batches)
+  start = time.perf_counter()
+  compiled = step.lower(params, state, x, y).compile()
+  compile_seconds = time.perf_counter() - start
+  record = {"step": [0], "seconds": [0.0], "loss": [float(evaluate(params))],
+            "compile_seconds": compile_seconds}
+  clock, steps, next_eval = 0.0, 0, eval_every
+  while clock < budget:
+    start = time.perf_counter()
+    params, state, _ = jax.block_until_ready(compiled(params, state, x, y))
+    clock += time.perf_counter() - start
+    steps += 1
+    x, y = next(batches)
+    if clock >= next_eval or clock >= budget:
+      record["step"].append(steps)
+      record["seconds"].append(clock)
+      record["loss"].append(float(evaluate(params)))
+      next_eval = clock + eval_every
+  return record
+
+
+def first_reaching(record: dict, target: float):
+  """Seconds at the first evaluation with loss ≤ ``target`` (``None`` if never)."""
+  for seconds, value in zip(record["seconds"], record["loss"]):
+    if np.isfinite(value) and value <= target:
+      return seconds
+  return None
+
+
+def _tuned_rate(prob, make, rates, *, budget, seed, eval_every, progress):
+  finals = {}
+  for rate in rates:
+    record = run_one(prob, make(rate), second_order=False, budget=budget, seed=seed,
+                     eval_every=eval_every)
+    finals[rate] = record["loss"][-1] if np.isfinite(record["loss"][-1]) else np.inf
+    progress.update(1)
+  return min(finals, key=finals.get), finals
+
+
+def run(problems=("autoencoder", "mlp", "cnn"), *, budget: float = 40.0,
+        solvers=tuple(SOLVERS), scale: float = 1.0, eval_every: float | None = None,
+        seed: int = 0) -> dict:
+  """Every problem × optimiser; returns ``{problem: {optimiser: record}}`` and a summary."""
+  from tqdm.auto import tqdm
+  eval_every = eval_every or budget / 20
+  total = len(problems) * (len(solvers) + len(FIRST_ORDER)
+                           + sum(len(r) for _, r in FIRST_ORDER.values()))
+  progress = tqdm(total=total, desc="time_to_loss", unit="run")
+  results = {}
+  for name in problems:
+    prob = problem(name, scale=scale)
+    runs = results[name] = {}
+    for method, (make, rates) in FIRST_ORDER.items():
+      progress.set_postfix_str(f"{name}: tuning {method}")
+      rate, finals = _tuned_rate(prob, make, rates, budget=budget / 4, seed=seed + 1,
+                                 eval_every=eval_every, progress=progress)
+      runs[method] = run_one(prob, make(rate), second_order=False, budget=budget,
+                             seed=seed, eval_every=eval_every)
+      runs[method].update(learning_rate=rate,
+                          tuning={str(k): v for k, v in finals.items()})
+      progress.update(1)
+    for solver in solvers:
+      progress.set_postfix_str(f"{name}: {solver}")
+      try:
+        # KFRA's one structural argument: which elementwise function the chain applies.
+        extra = {"activations": prob.activation} if solver == "kfra" else {}
+        tx = SOLVERS[solver](prob.loss, **extra)
+        runs[solver] = run_one(prob, tx, second_order=True, budget=budget, seed=seed,
+                               eval_every=eval_every)
+      except ValueError as error:  # e.g. KFRA on a network that is not a chain
+        runs[solver] = {"unsupported": str(error).splitlines()[0]}
+      progress.update(1)
+  progress.close()
+  return results
+
+
+def summarise(results: dict) -> dict:
+  """Per problem: the best first-order method, its final loss (the target) and, per
+  optimiser, seconds to reach it and the ratio to the best first-order method's time."""
+  summary = {}
+  for name, runs in results.items():
+    first = {m: runs[m] for m in FIRST_ORDER if m in runs}
+    best = min(first, key=lambda m: first[m]["loss"][-1])
+    target = first[best]["loss"][-1]
+    reference = first_reaching(first[best], target)
+    rows = {}
+    for method, record in runs.items():
+      if "unsupported" in record:
+        rows[method] = {"unsupported": record["unsupported"]}
+        continue
+      seconds = first_reaching(record, target)
+      rows[method] = {
+          "final_loss": record["loss"][-1], "steps": record["step"][-1],
+          "compile_seconds": round(record["compile_seconds"], 2),
+          "seconds_to_target": seconds,
+          "ratio_to_best_first_order": (None if seconds is None or not reference
+                                        else seconds / reference)}
+    summary[name] = {"best_first_order": best, "target_loss": target, "optimisers": rows}
+  return summary
+
+
+def markdown(summary: dict) -> str:
+  lines = []
+  for name, entry in summary.items():
+    lines += [f"**{name}** — target: {entry['best_first_order']}'s final loss "
+              f"{entry['target_loss']:.4g}", "",
+              "| optimiser | steps | final loss | time to target / best first-order | "
+              "compile s |", "|---|---|---|---|---|"]
+    for method, row in entry["optimisers"].items():
+      if "unsupported" in row:
+        lines.append(f"| {method} | — | unsupported: {row['unsupported'][:60]} | | |")
+        continue
+      ratio = row["ratio_to_best_first_order"]
+      lines.append(f"| {method} | {row['steps']} | {row['final_loss']:.4g} | "
+                   f"{'never' if ratio is None else f'{ratio:.2f}'} | "
+                   f"{row['compile_seconds']} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
+  for column, (name, runs) in enumerate(results.items()):
+    for method, record in runs.items():
+      if "unsupported" in record:
+        continue
+      style = "--" if method in FIRST_ORDER else "-"
+      axes[0, column].plot(record["seconds"], record["loss"], style, label=method)
+      axes[1, column].plot(record["step"], record["loss"], style, label=method)
+    axes[0, column].set(title=name, xlabel="seconds (compile excluded)", ylabel="probe loss",
+                        yscale="log")
+    axes[1, column].set(xlabel="updates", ylabel="probe loss", yscale="log", xscale="symlog")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--problems", default="autoencoder,mlp,cnn")
+  parser.add_argument("--solvers", default=",".join(SOLVERS))
+  parser.add_argument("--budget", type=float, default=40.0,
+                      help="seconds of training per optimiser (the default run: ~30 min)")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="shrink data and batches (smoke runs)")
+  parser.add_argument("--out", default=str(RESULTS / "time_to_loss"))
+  args = parser.parse_args(argv)
+  results = run(tuple(args.problems.split(",")), budget=args.budget,
+                solvers=tuple(args.solvers.split(",")), scale=args.scale)
+  summary = summarise(results)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(
+      {"budget_seconds": args.budget, "scale": args.scale, "backend": jax.default_backend(),
+       "device": str(jax.devices()[0]), "summary": summary, "curves": results}, indent=1))
+  plot(results, out.with_suffix(".png"))
+  print(markdown(summary))
+
+
+if __name__ == "__main__":
+  main()
