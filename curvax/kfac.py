@@ -445,7 +445,7 @@ def _documented(fn):
   — hence ``optax.inject_hyperparams``, which binds the arguments to the signature and
   injects each numeric one — then sees every hyperparameter by name."""
   fn.__doc__ = fn.__doc__.replace("{usage}", _USAGE.strip()).replace(
-      "{common}", _COMMON_ARGS.rstrip())
+      "{common}", _COMMON_ARGS.rstrip()).replace("{weight_sharing}", _WEIGHT_SHARING_DOC)
   own = [p for p in inspect.signature(fn).parameters.values()
          if p.kind is not inspect.Parameter.VAR_KEYWORD]
   fn.__signature__ = inspect.signature(fn).replace(
@@ -475,8 +475,24 @@ def _common(solver: str, kwargs: dict, own: Sequence[str] = ()) -> dict:
   return kwargs
 
 
+_WEIGHT_SHARING_DOC = """weight_sharing: how a kernel applied at several positions of an example
+      (a sequence, an image's patches, several calls) forms its factors (Eschenhagen et
+      al. 2023): ``"expand"`` (default) treats every position as an example; ``"reduce"``
+      averages the inputs and sums the output sensitivities over an example's positions
+      first (exact for networks that pool the shared axis before the output, and
+      cheaper: one row per example). See :func:`curvax.kron.factors.from_columns`."""
+
+
+def _check_weight_sharing(solver: str, weight_sharing: str) -> str:
+  if weight_sharing not in kron.capture_lib.WEIGHT_SHARING:
+    raise ValueError(f"{solver}: weight_sharing must be one of "
+                     f"{kron.capture_lib.WEIGHT_SHARING}, got {weight_sharing!r}.")
+  return weight_sharing
+
+
 @_documented
 def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
+         weight_sharing: str = "expand",
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """KFAC (Martens & Grosse 2015) in kfra_kflr.md's formulation (App. D.3).
 
@@ -487,8 +503,10 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
   {usage}
   Args:
     num_samples: Monte-Carlo samples of the targets per step (``None``: 1 — not a
-      number by default, so that ``optax.inject_hyperparams`` leaves it static).{common}"""
-  kwargs = _common("curvax.kfac", kwargs, own=("num_samples",))
+      number by default, so that ``optax.inject_hyperparams`` leaves it static).
+    {weight_sharing}{common}"""
+  kwargs = _common("curvax.kfac", kwargs, own=("num_samples", "weight_sharing"))
+  _check_weight_sharing("curvax.kfac", weight_sharing)
   if num_samples is None:
     num_samples = 1
   if isinstance(num_samples, jax.core.Tracer):
@@ -506,23 +524,44 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
         "(curvax.losses.from_fn) or use curvax.kflr / curvax.kfra.")
   fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
   estimator = lambda cap, key: kron.kfac_factors(
-      cap, key, num_samples=num_samples, fallback_diagonal=fallback_diagonal)
+      cap, key, num_samples=num_samples, fallback_diagonal=fallback_diagonal,
+      weight_sharing=weight_sharing)
   return kronecker_factored(loss, estimator, name="curvax.kfac", **kwargs)
 
 
 @_documented
-def kflr(loss: "losses_lib.Loss | str", **kwargs) -> optax.GradientTransformationExtraArgs:
+def kflr(loss: "losses_lib.Loss | str", *, weight_sharing: str = "expand",
+         max_columns: Optional[int] = 4096,
+         **kwargs) -> optax.GradientTransformationExtraArgs:
   """KFLR: Kronecker-factored GGN with the exact ``E[𝒢_λ]`` (kfra_kflr.md §3.4).
 
-  The ``K`` columns of ``loss.hessian_sqrt`` (``K`` = outputs per example) are pulled
-  back to every layer with one vmapped backward pass (eq. 23–25), so the cost grows
-  with ``K``: meant for few outputs (classifiers). Dense and Conv layers.
+  The ``K`` columns of ``loss.hessian_sqrt`` (``K`` = outputs per example: classes ×
+  positions, e.g. vocabulary × sequence length for a language model) are pulled back
+  to every layer with one vmapped backward pass (eq. 23–25): a step costs about ``K``
+  backward passes and holds ``K`` copies of every layer's sensitivities, so KFLR is
+  meant for few outputs (classifiers); :func:`kfac` samples one column instead.
   {usage}
-  Args:{common}"""
-  kwargs = _common("curvax.kflr", kwargs)
+  Args:
+    {weight_sharing}
+    max_columns: refuse (at trace time) models with more than this many columns ``K``
+      per example (``None``: no limit).{common}"""
+  kwargs = _common("curvax.kflr", kwargs, own=("weight_sharing", "max_columns"))
+  _check_weight_sharing("curvax.kflr", weight_sharing)
+  if max_columns is not None:
+    check_integer("curvax.kflr: max_columns", max_columns, 1)
   fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
-  estimator = lambda cap, key: kron.kflr_factors(cap, key,
-                                                 fallback_diagonal=fallback_diagonal)
+
+  def estimator(cap, key):
+    columns = math.prod(cap.lin.outputs.shape[1:])  # K = D for every curvax loss
+    if max_columns is not None and columns > max_columns:
+      raise ValueError(
+          f"curvax.kflr: this model has K = {columns} output columns per example "
+          f"(outputs of shape {tuple(cap.lin.outputs.shape)}: classes × positions), more "
+          f"than max_columns={max_columns}; a KFLR step costs about K backward passes "
+          "and K copies of every layer's sensitivities. Use curvax.kfac (one sampled "
+          "column) or raise max_columns.")
+    return kron.kflr_factors(cap, key, fallback_diagonal=fallback_diagonal,
+                             weight_sharing=weight_sharing)
   return kronecker_factored(loss, estimator, name="curvax.kflr", **kwargs)
 
 

@@ -43,7 +43,7 @@ import dataclasses
 import math
 import threading
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,13 +76,16 @@ class LayerCall:
   """One captured call of a layer (static: known at trace time).
 
   Attributes:
-    kind: ``"dense"`` or ``"conv"``.
+    kind: a key of :data:`KINDS` (``"dense"``, ``"conv"`` or ``"embed"``).
     name: the Flax module path, or ``"curvax.kron.dense"`` for a tag.
     kernel, bias: indices of the kernel and bias among ``jax.tree.leaves(params)``
       (``bias`` is ``None`` for a layer without one).
-    in_dim: input features of one row (patch size ``∏kernel_size · C_in`` for a conv).
-    out_dim: output features.
-    input_shape, output_shape: the call's array shapes.
+    in_dim: input features of one row (patch size ``∏kernel_size · C_in`` for a conv,
+      the vocabulary for an embedding).
+    out_dim: output features (flattened: ``heads · head_dim`` for an attention
+      projection).
+    input_shape, output_shape: the call's array shapes (the input with the contracted
+      axes last).
     conv: the convolution's configuration (``None`` for dense).
   """
   kind: str
@@ -117,6 +120,46 @@ class Block:
   def q_dim(self) -> int:
     return self.in_dim + (self.bias is not None)
 
+  @property
+  def slot(self) -> "Slot":
+    """The state slot this block needs (see :func:`slot_for`)."""
+    if KINDS[self.kind].diagonal_input:
+      return Slot(self.in_dim, self.out_dim, True)
+    return Slot(self.in_dim + 1, self.out_dim, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """A layer kind's Kronecker structure.
+
+  Attributes:
+    diagonal_input: ``Q̃`` is diagonal (stored as a vector): an embedding's one-hot input.
+    shared_rows: the kind's rows may be pooled by ``weight_sharing="reduce"`` (an
+      embedding's rows always count as examples: reducing one-hot rows would make its
+      ``Q̃`` dense).
+  """
+  diagonal_input: bool = False
+  shared_rows: bool = True
+
+
+# The layer kinds: adding one means an entry here, its rows in ``Capture._rows`` (or its
+# diagonal in ``Capture.input_factor``) and its interception in ``_Recorder._intercept``.
+KINDS = {
+    "dense": Kind(),  # nn.Dense, nn.DenseGeneral (attention projections), kron.dense
+    "conv": Kind(),  # nn.Conv (KFC: patches as rows)
+    "embed": Kind(diagonal_input=True, shared_rows=False),  # nn.Embed
+}
+
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+class Slot(NamedTuple):
+  """Factor storage reserved for a parameter leaf: ``Q̃`` of size ``q_dim`` (a vector
+  when ``diagonal``), ``𝒢̃`` of size ``g_dim``."""
+  q_dim: int
+  g_dim: int
+  diagonal: bool = False
+
 
 # ------------------------------------------------------------------ the recorder
 
@@ -143,6 +186,7 @@ class _Recorder:
     self.inputs: list[Array] = []
     self.outputs: list[Array] = []
     self.skipped: list[tuple[str, str]] = []
+    self.unblockable: set[int] = set()  # leaf indices of kernels with an uncaptured use
 
   @contextlib.contextmanager
   def active(self):
@@ -157,12 +201,18 @@ class _Recorder:
       stack.pop()
 
   def _leaf_index(self, array) -> Optional[int]:
-    if array is None or id(array) in self.duplicated:
+    if array is None or id(array) in self.duplicated :
       return None
-    return self.ids.get(id(array))
+    index = self.ids.get(id(array))
+    return None if index in self.unblockable else index
 
-  def record(self, kind, name, x, out, kernel, bias, conv=None):
-    """Registers a call and returns its (perturbed) output."""
+  def record(self, kind, name, x, out, kernel, bias, conv=None, out_axes=1):
+    """Registers a call and returns its (perturbed) output.
+
+    The kernel's last ``out_axes`` axes are the output features (the trailing axes of
+    ``out``), the others the input features (the trailing axes of ``x``; an embedding's
+    ``x`` holds indices into the kernel's first axis).
+    """
     k = self._leaf_index(kernel)
     b = self._leaf_index(bias)
     if k is None or (bias is not None and b is None):
@@ -171,11 +221,11 @@ class _Recorder:
                                  "an array passed twice)"))
       return out
     kernel_shape = jnp.shape(kernel)
-    in_dim = math.prod(kernel_shape[:-1])
-    out_dim = kernel_shape[-1]
-    if jnp.shape(out)[-1] != out_dim:
-      self.skipped.append((name, f"output features {jnp.shape(out)[-1]} differ from the "
-                                 f"kernel's last axis {out_dim}"))
+    in_dim = math.prod(kernel_shape[:-out_axes])
+    out_dim = math.prod(kernel_shape[-out_axes:])
+    if tuple(jnp.shape(out)[-out_axes:]) != tuple(kernel_shape[-out_axes:]):
+      self.skipped.append((name, f"output features {jnp.shape(out)[-out_axes:]} differ "
+                                 f"from the kernel's axes {kernel_shape[-out_axes:]}"))
       return out
     index = len(self.calls)
     self.calls.append(LayerCall(kind, name, k, b, in_dim, out_dim, tuple(jnp.shape(x)),
@@ -192,23 +242,58 @@ class _Recorder:
 
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
-    kind = {nn.Dense: "dense", nn.Conv: "conv"}.get(type(module))
-    if kind is None or context.method_name != "__call__":
+    kind = {nn.Dense: "dense", nn.DenseGeneral: "dense", nn.Conv: "conv",
+            nn.Embed: "embed"}.get(type(module))
+    if kind is None:
       return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
     if module.is_initializing():
       return out
     name = "/".join(str(p) for p in module.path) or type(module).__name__
+    if context.method_name != "__call__":
+      if kind == "embed" and context.method_name == "attend":
+        # A tied output layer: the table's curvature has a second, uncaptured use.
+        table = self.ids.get(id(module.get_variable("params", "embedding")))
+        if table is not None:
+          self.unblockable.add(table)
+        self.skipped.append((name, "its embedding table is also used by attend (tied "
+                                   "weights)"))
+      return out
     x = args[0] if args else kwargs.get("inputs")
+    if kind == "embed":
+      return self.record(kind, name, x, out, module.get_variable("params", "embedding"),
+                         None)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    conv = None
+    conv, out_axes = None, 1
     if kind == "conv":
       conv, reason = _conv_config(module, x)
       if conv is None:
         self.skipped.append((name, reason))
         return out
-    return self.record(kind, name, x, out, kernel, bias, conv)
+    elif isinstance(module, nn.DenseGeneral):
+      x, out_axes, reason = _dense_general_input(module, x)
+      if x is None:
+        self.skipped.append((name, reason))
+        return out
+    return self.record(kind, name, x, out, kernel, bias, conv, out_axes)
+
+
+def _dense_general_input(module, x):
+  """``(x with the contracted axes last, number of output axes, "")`` for an
+  ``nn.DenseGeneral`` (e.g. the projections of ``nn.MultiHeadDotProductAttention``:
+  ``(B, T, F) → (B, T, heads, head_dim)`` and back), or ``(None, 0, reason)``."""
+  if module.batch_dims:
+    return None, 0, "DenseGeneral with batch_dims"
+  axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  ndim = jnp.ndim(x)
+  axes = tuple(a % ndim for a in axes)
+  if 0 in axes:
+    return None, 0, "DenseGeneral contracting the batch axis"
+  features = ((module.features,) if isinstance(module.features, int)
+              else tuple(module.features))
+  x = jnp.moveaxis(x, axes, tuple(range(ndim - len(axes), ndim)))
+  return x, len(features), ""
 
 
 # ------------------------------------------------------------------ explicit tags
@@ -378,36 +463,71 @@ class Capture:
     param_ct, sensitivities = self.lin.local_vjp(u)
     return param_ct, tuple(sensitivities)
 
-  def activations(self, block: Block) -> Array:
-    """The rows ``a`` of the block's input factor, shape ``(rows, q_dim)``.
+  def _rows(self, block: Block, weight_sharing: str = "expand") -> Array:
+    """The rows ``a`` of a (non-diagonal) block's input factor, ``(rows, q_dim)``.
 
-    Dense rows are the inputs with every axis but the last flattened; conv rows are the
-    patches at every output position (KFC). A bias appends a column of ones.
+    ``"expand"``: every position of every call is a row (dense rows are the inputs with
+    every axis but the features flattened, conv rows the patches at every output
+    position: KFC); ``"reduce"``: one row per example, the mean of its positions over
+    all the block's calls (Eschenhagen et al. 2023, K-FAC-reduce). A bias appends a
+    column of ones (after the mean: the mean of ones).
     """
     rows = []
     for i in block.calls:
       call, x = self.calls[i], self.inputs[i]
       if call.kind == "conv":
         x = conv_patches(x, call.conv)
-      rows.append(x.reshape(-1, call.in_dim))
-    a = jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+      rows.append(x.reshape(x.shape[0], -1, call.in_dim))
+    a = jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+    if weight_sharing == "reduce" and KINDS[block.kind].shared_rows:
+      a = jnp.mean(a, axis=1)
+    else:
+      a = a.reshape(-1, block.in_dim)
     if block.bias is not None:
       # A pad, not a concatenate with jnp.ones: it keeps a batch-sharded ``a`` sharded.
       a = jnp.pad(a, ((0, 0), (0, 1)), constant_values=1)
     return a
 
+  def activations(self, block: Block, weight_sharing: str = "expand") -> Array:
+    """The rows ``a`` of the block's input factor, shape ``(rows, q_dim)`` (see
+    :meth:`input_factor`; an embedding's rows are one-hot and never built here)."""
+    if KINDS[block.kind].diagonal_input:
+      raise ValueError(f"curvax.kron: {block.name} has a diagonal input factor; its "
+                       "one-hot rows are not materialised (use input_factor).")
+    return self._rows(block, weight_sharing)
+
+  def input_factor(self, block: Block, weight_sharing: str = "expand",
+                   gram: Callable[[Array], Array] = lambda a: a.T @ a) -> Array:
+    """``Q̃ = (1/R) Σ_r a_r a_rᵀ`` over the block's ``R`` rows (eq. 21), on this device.
+
+    An embedding's rows are one-hot vectors ``e_{t_r}``, so ``Q̃`` is diagonal: the
+    frequencies of the indices (a vector), computed without the one-hot rows.
+    """
+    if KINDS[block.kind].diagonal_input:
+      indices = jnp.concatenate([self.inputs[i].reshape(-1) for i in block.calls])
+      counts = jnp.zeros(block.in_dim, _float_dtype(self.leaves[block.kernel]))
+      return counts.at[indices].add(1) / indices.shape[0]
+    a = self._rows(block, weight_sharing)
+    return gram(a) / a.shape[0]
+
   def sensitivity_rows(self, block: Block, sensitivities: Sequence[Array],
-                       batch_dims: int = 0) -> Array:
-    """A block's per-row output sensitivities, shape ``(*batch, rows, out_dim)``."""
+                       batch_dims: int = 0, weight_sharing: str = "expand") -> Array:
+    """A block's per-row output sensitivities, shape ``(*batch, rows, out_dim)``, rows
+    matching :meth:`activations`: with ``"reduce"`` each example's sensitivities are
+    summed over its positions (Eschenhagen et al. 2023)."""
     rows = []
     for i in block.calls:
       s = sensitivities[i]
-      lead = s.shape[:batch_dims]
+      lead = s.shape[:batch_dims + 1]  # the batch dims and the examples
       rows.append(s.reshape(lead + (-1, block.out_dim)))
-    return jnp.concatenate(rows, axis=-2) if len(rows) > 1 else rows[0]
+    c = jnp.concatenate(rows, axis=-2) if len(rows) > 1 else rows[0]
+    if weight_sharing == "reduce" and KINDS[block.kind].shared_rows:
+      return jnp.sum(c, axis=-2)
+    return c.reshape(c.shape[:batch_dims] + (-1, block.out_dim))
 
 
-def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim, slots=None):
+def _blocks(calls: Sequence[LayerCall], leaves, max_factor_dim, slots=None,
+            unblockable=frozenset()):
   """Groups calls by kernel; returns ``(blocks, used leaves, skipped)``."""
   groups: dict[int, list[int]] = {}
   for i, call in enumerate(calls):
@@ -416,18 +536,25 @@ def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim, slot
   for kernel, members in groups.items():
     first = calls[members[0]]
     name = first.name
+    if kernel in unblockable:
+      continue  # already reported by the recorder
     if any(calls[i].bias != first.bias or calls[i].kind != first.kind
            or calls[i].in_dim != first.in_dim for i in members):
       skipped.append((name, "its kernel is shared by layers of different kinds or biases"))
       continue
     block = Block(first.kind, name, kernel, first.bias, tuple(members), first.in_dim,
                   first.out_dim)
-    dims = (slot_dims(jnp.shape(leaves[kernel]), max_factor_dim) if slots is None
-            else slots[kernel])
-    if dims is None or dims != (block.in_dim + 1, block.out_dim):
-      limit = (f"max_factor_dim={max_factor_dim}" if slots is None else
-               "the optimiser's max_factor_dim")
-      skipped.append((name, f"its factors ({block.q_dim}, {block.out_dim}) exceed {limit}"))
+    if slots is None:
+      if _exceeds(block.slot, max_factor_dim):
+        skipped.append((name, f"its factors ({block.q_dim}, {block.out_dim}) exceed "
+                              f"max_factor_dim={max_factor_dim}"))
+        continue
+    elif slots[kernel] != block.slot:
+      reserved = slots[kernel]
+      why = ("exceed the optimiser's max_factor_dim" if reserved is None else
+             f"do not fit the slots {tuple(reserved)} the optimiser reserved for this "
+             "leaf from its shape (see curvax.kron.capture.slot_for)")
+      skipped.append((name, f"its factors ({block.q_dim}, {block.out_dim}) {why}"))
       continue
     blocks.append(block)
   used = {b.kernel for b in blocks} | {b.bias for b in blocks if b.bias is not None}
@@ -437,29 +564,74 @@ def _blocks(calls: Sequence[LayerCall], leaves, leaf_names, max_factor_dim, slot
   return tuple(blocks), used, skipped
 
 
-def slot_dims(shape: Sequence[int], max_factor_dim: Optional[int]
-              ) -> Optional[tuple[int, int]]:
-  """Factor sizes ``(in + 1, out)`` reserved for a parameter leaf of this shape.
+def _exceeds(slot: Slot, max_factor_dim: Optional[int]) -> bool:
+  if max_factor_dim is None:
+    return False
+  # A diagonal input factor is a vector: only the output factor is a matrix.
+  return slot.g_dim > max_factor_dim or (not slot.diagonal and slot.q_dim > max_factor_dim)
 
-  Every leaf with at least two axes may be a kernel (Dense ``(in, out)``, Conv
-  ``(*window, C_in, C_out)``): it gets an input factor of size ``∏shape[:-1] + 1`` (the
-  1 for a bias; unused without one) and an output factor of size ``shape[-1]``, unless
-  either exceeds ``max_factor_dim``. Optimiser states are allocated from parameter
-  shapes alone by this rule, so ``init`` needs no model.
+
+_ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def slot_for(path: Sequence[Any], shape: Sequence[int], max_factor_dim: Optional[int]
+             ) -> Optional[Slot]:
+  """Factor storage reserved for a parameter leaf, from its path and shape alone.
+
+  Optimiser states are allocated by this rule, so ``init`` needs no model:
+
+  * a leaf named ``embedding`` with two axes (``nn.Embed``'s table ``(V, F)``): a
+    diagonal ``Q̃`` (a vector of size ``V``) and ``𝒢̃`` of size ``F``;
+  * a three-axis ``kernel`` under ``query``/``key``/``value`` (the ``nn.DenseGeneral``
+    projections of ``nn.MultiHeadDotProductAttention``, ``(F, heads, head_dim)``):
+    ``Q̃`` of size ``F + 1`` and ``𝒢̃`` of size ``heads · head_dim``;
+  * every other leaf with at least two axes may be a kernel (Dense ``(in, out)``, Conv
+    ``(*window, C_in, C_out)``, attention output ``(heads, head_dim, F)``): ``Q̃`` of
+    size ``∏shape[:-1] + 1`` (the 1 for a bias; unused without one), ``𝒢̃`` of size
+    ``shape[-1]``;
+
+  unless a matrix factor exceeds ``max_factor_dim`` (then ``None``). A layer whose
+  factors do not fit its kernel's slot gets the fallback, with a warning.
   """
+  shape = tuple(shape)
   if len(shape) < 2:
     return None
-  q, g = math.prod(shape[:-1]) + 1, shape[-1]
-  if max_factor_dim is not None and max(q, g) > max_factor_dim:
-    return None
-  return q, g
+  names = [_key_name(k) for k in path]
+  if names and names[-1] == "embedding" and len(shape) == 2:
+    slot = Slot(shape[0], shape[1], True)
+  elif (len(shape) == 3 and len(names) >= 2 and names[-1] == "kernel"
+        and names[-2] in _ATTENTION_PROJECTIONS):
+    slot = Slot(shape[0] + 1, shape[1] * shape[2])
+  else:
+    slot = Slot(math.prod(shape[:-1]) + 1, shape[-1])
+  return None if _exceeds(slot, max_factor_dim) else slot
+
+
+def slot_dims(shape: Sequence[int], max_factor_dim: Optional[int]
+              ) -> Optional[tuple[int, int]]:
+  """``(dim Q̃, dim 𝒢̃)`` of :func:`slot_for` for an unnamed leaf of this shape."""
+  slot = slot_for((), shape, max_factor_dim)
+  return None if slot is None else (slot.q_dim, slot.g_dim)
+
+
+def leaf_slots(params: PyTree, max_factor_dim: Optional[int]) -> list[Optional[Slot]]:
+  """:func:`slot_for` of every leaf, in ``jax.tree.leaves`` order."""
+  return [slot_for(path, jnp.shape(leaf), max_factor_dim)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
             loss: "losses_lib.Loss | str", targets: Array,
             max_factor_dim: Optional[int] = None, solver: str = "curvax.kron",
             warn: bool = True, axis_name: Optional[str] = None,
-            slots: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> Capture:
+            slots: Optional[Sequence[Optional[Slot]]] = None) -> Capture:
   """Runs ``predict_fn(params)`` once with its layers captured and linearised.
 
   Args:
@@ -472,8 +644,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
     warn: warn about parameters without a Kronecker block.
     axis_name: the data-parallel axis the batch is split over (see
       :func:`curvax.linearize`); the estimators then average their factors over it.
-    slots: per parameter leaf, the factor sizes ``(dim Q̃, dim 𝒢̃)`` reserved in the
-      optimiser state, or ``None`` (replaces ``max_factor_dim``: an optimiser reads them
+    slots: per parameter leaf, the :class:`Slot` reserved in the optimiser state, or
+      ``None`` (replaces ``max_factor_dim``: an optimiser reads them
       from its state, whose shapes are static even when ``max_factor_dim`` is an
       injected, traced hyperparameter).
 
@@ -498,7 +670,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   jax.eval_shape(discover, params)
   discovered = found[0]
   calls = tuple(discovered.calls)
-  blocks, used, skipped = _blocks(calls, leaves, leaf_names, max_factor_dim, slots)
+  blocks, used, skipped = _blocks(calls, leaves, max_factor_dim, slots,
+                                  frozenset(discovered.unblockable))
   skipped = discovered.skipped + skipped
   if not blocks:
     detail = "".join(f"\n  {name}: {reason}" for name, reason in skipped)

@@ -87,20 +87,37 @@ def row_gram(a: Array) -> Array:
                        axis=1) for i in range(panels)], axis=0)
 
 
-def input_factors(capture: Capture) -> tuple:
-  """``Q̃_λ = (1/R) Σ_r a_r a_rᵀ`` for every block (eq. 21, bias as an appended 1)."""
-  out = []
-  for block in capture.blocks:
-    a = capture.activations(block)
-    out.append(row_gram(a) / a.shape[0])
-  return capture.lin.batch_mean(tuple(out))
+def input_factors(capture: Capture, weight_sharing: str = "expand") -> tuple:
+  """``Q̃_λ = (1/R) Σ_r a_r a_rᵀ`` for every block (eq. 21, bias as an appended 1), rows
+  as :meth:`Capture.input_factor` (``weight_sharing``: see :func:`from_columns`)."""
+  out = tuple(capture.input_factor(block, weight_sharing, gram=row_gram)
+              for block in capture.blocks)
+  return capture.lin.batch_mean(out)
 
 
 def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = None,
-                 fallback_diagonal: bool = True) -> Estimate:
+                 fallback_diagonal: bool = True,
+                 weight_sharing: str = "expand") -> Estimate:
   """Factors from output-space columns ``u_k`` (shape ``(K, *outputs.shape)``).
 
-  ``𝒢̃ = Σ_{k, rows} (J_hᵀ u_k)(J_hᵀ u_k)ᵀ`` — one vmapped backward pass. With
+  ``𝒢̃ = Σ_{k, rows} (J_hᵀ u_k)(J_hᵀ u_k)ᵀ`` — one vmapped backward pass.
+
+  A kernel applied at several positions of an example (a sequence, the patches of a
+  convolution, several calls) is one block; Eschenhagen et al. 2023 (§3) give two
+  ways to form its rows:
+
+  * ``"expand"`` (K-FAC-expand): every position is a row,
+    ``Q̃ = (1/(BR)) Σ_{n,r} a_{n,r} a_{n,r}ᵀ``, ``𝒢̃ = Σ_k Σ_{n,r} c_{k,n,r} c_{k,n,r}ᵀ``
+    — exact for deep linear networks whose loss treats the positions as examples
+    (a per-position loss);
+  * ``"reduce"`` (K-FAC-reduce): one row per example, the inputs averaged and the
+    sensitivities summed over its positions, ``Q̃ = (1/B) Σ_n â_n â_nᵀ`` with
+    ``â_n = (1/R) Σ_r a_{n,r}``, ``𝒢̃ = Σ_k Σ_n ĉ_{k,n} ĉ_{k,n}ᵀ`` with
+    ``ĉ_{k,n} = Σ_r c_{k,n,r}`` — exact for deep linear networks that reduce the
+    shared axis before the output (e.g. mean pooling), and ``R`` times fewer rows.
+
+  (The ``1/B`` of the paper's ``Q̃`` sits in ``H_L`` here: curvax losses average over the
+  batch.) Embedding rows are one-hot and always expanded (a diagonal ``Q̃``). With
   ``key`` and fallback leaves, every column is multiplied by a random sign per example
   first (this leaves ``𝒢̃`` unchanged when rows do not mix examples) so that the squared
   parameter cotangents estimate the fallback leaves' GGN diagonal without cross-example
@@ -114,7 +131,8 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
   param_ct, sensitivities = jax.vmap(capture.pullback)(columns)
   g = []
   for block in capture.blocks:
-    c = capture.sensitivity_rows(block, sensitivities, batch_dims=1)
+    c = capture.sensitivity_rows(block, sensitivities, batch_dims=1,
+                                 weight_sharing=weight_sharing)
     c = c.reshape(-1, block.out_dim)
     g.append(row_gram(c))
   diag = None
@@ -123,11 +141,11 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
     diag = tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in capture.fallback)
   # Each device's columns carry its own 1/√B: averaging gives the global-batch factors.
   g, diag = capture.lin.batch_mean((tuple(g), diag))
-  return Estimate(input_factors(capture), g, diag)
+  return Estimate(input_factors(capture, weight_sharing), g, diag)
 
 
 def kflr(capture: Capture, key: Optional[Array] = None, *,
-         fallback_diagonal: bool = True) -> Estimate:
+         fallback_diagonal: bool = True, weight_sharing: str = "expand") -> Estimate:
   """KFLR: the exact ``E[𝒢_λ]`` from the ``K`` columns of ``H_L``'s square root.
 
   kfra_kflr.md eq. 23–25: ``C_λ^k = B_λ W_{λ+1}ᵀ C_{λ+1}^k`` is the pullback of the
@@ -135,7 +153,8 @@ def kflr(capture: Capture, key: Optional[Array] = None, *,
   """
   lin = capture.lin
   columns = lin.loss.hessian_sqrt(lin.outputs, lin.targets)
-  return from_columns(capture, columns, key=key, fallback_diagonal=fallback_diagonal)
+  return from_columns(capture, columns, key=key, fallback_diagonal=fallback_diagonal,
+                      weight_sharing=weight_sharing)
 
 
 def sampled_columns(capture: Capture, sampled_targets: Array) -> Array:
@@ -150,7 +169,7 @@ def sampled_columns(capture: Capture, sampled_targets: Array) -> Array:
 
 
 def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
-         fallback_diagonal: bool = True) -> Estimate:
+         fallback_diagonal: bool = True, weight_sharing: str = "expand") -> Estimate:
   """KFAC: the Monte-Carlo Fisher with targets sampled from the model (App. D.3).
 
   ``𝒢̃ = (1/S) Σ_s Σ_n ∇_{h_n} ℓ(o_n, t̃_{s,n}) ∇_{h_n} ℓ(o_n, t̃_{s,n})ᵀ / B`` with
@@ -165,7 +184,8 @@ def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
   targets = jax.vmap(lambda k: lin.loss.sample(k, lin.outputs, lin.targets))(keys)
   columns = jax.vmap(lambda t: sampled_columns(capture, t))(targets)
   columns = columns / jnp.sqrt(jnp.asarray(num_samples, columns.dtype))
-  return from_columns(capture, columns, key=sign_key, fallback_diagonal=fallback_diagonal)
+  return from_columns(capture, columns, key=sign_key, fallback_diagonal=fallback_diagonal,
+                      weight_sharing=weight_sharing)
 
 
 # ------------------------------------------------------------------ KFRA

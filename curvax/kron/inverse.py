@@ -128,16 +128,23 @@ def factored_damping(q: Array, g: Array, damping: Array, *, q_dim: int,
   """``(ω√k, ω⁻¹√k)`` for the factors ``Q̃`` and ``𝒢̃`` (eq. 36–38).
 
   ``q_dim``/``g_dim`` are the factors' true sizes (a reserved but unused bias slot of
-  ``Q̃`` is not counted).
+  ``Q̃`` is not counted). A vector ``q`` is a diagonal factor.
   """
-  return damping_lib.factored_tikhonov(jnp.trace(q), q_dim, jnp.trace(g), g_dim, damping)
+  return damping_lib.factored_tikhonov(_trace(q), q_dim, _trace(g), g_dim, damping)
+
+
+def _trace(factor: Array) -> Array:
+  return jnp.sum(factor) if factor.ndim == 1 else jnp.trace(factor)
 
 
 def damped_inverses(q: Array, g: Array, damping: Array, *, q_dim: int,
                     g_dim: int) -> tuple[Array, Array]:
-  """``((Q̃ + ω√k I)⁻¹, (𝒢̃ + ω⁻¹√k I)⁻¹)`` with ``k = damping`` (eq. 36–38)."""
+  """``((Q̃ + ω√k I)⁻¹, (𝒢̃ + ω⁻¹√k I)⁻¹)`` with ``k = damping`` (eq. 36–38); a
+  diagonal ``Q̃`` (a vector: an embedding's) gets a vector inverse."""
   q_damping, g_damping = factored_damping(q, g, damping, q_dim=q_dim, g_dim=g_dim)
-  return (spd_inverse(_add_to_diagonal(q, q_damping)),
+  q_inverse = (1 / (q + jnp.asarray(q_damping, q.dtype)) if q.ndim == 1
+               else spd_inverse(_add_to_diagonal(q, q_damping)))
+  return (q_inverse,
           spd_inverse(_add_to_diagonal(g, g_damping)))
 
 

@@ -6,8 +6,10 @@ Storage is allocated from parameter shapes alone (:func:`init`), so ``optax``'s
 jitted once. Slots are per parameter leaf, in ``jax.tree.leaves`` order:
 
 * a leaf with two or more axes (a possible kernel) reserves ``Q̃`` of size
-  ``∏shape[:-1] + 1`` and ``𝒢̃`` of size ``shape[-1]``
-  (:func:`curvax.kron.capture.slot_dims`), plus their damped inverses;
+  ``∏shape[:-1] + 1`` and ``𝒢̃`` of size ``shape[-1]``, with the exceptions of
+  :func:`curvax.kron.capture.slot_for` (an embedding table reserves a diagonal ``Q̃``,
+  stored as a vector; an attention query/key/value kernel splits after its first axis),
+  plus their damped inverses;
 * every leaf reserves a diagonal of its own shape for the fallback block.
 
 At each step the captured blocks fill their kernel's slots (a layer without bias leaves
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from curvax import nonfinite
 from curvax.kron import inverse as inverse_lib
-from curvax.kron.capture import Capture, slot_dims
+from curvax.kron.capture import Capture, Slot, leaf_slots
 from curvax.kron.factors import Estimate
 
 Array = jax.Array
@@ -62,17 +64,16 @@ def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Facto
                                                                             Inverse]:
   """Zero factors and identity inverses for every slot."""
   q, g, diag, q_inv, g_inv = [], [], [], [], []
-  for leaf in jax.tree.leaves(params):
+  for leaf, slot in zip(jax.tree.leaves(params), leaf_slots(params, max_factor_dim)):
     dtype = _dtype(leaf)
     diag.append(jnp.zeros(jnp.shape(leaf), dtype))
-    dims = slot_dims(jnp.shape(leaf), max_factor_dim)
-    if dims is None:
+    if slot is None:
       q.append(None), g.append(None), q_inv.append(None), g_inv.append(None)
       continue
-    dq, dg = dims
-    q.append(jnp.zeros((dq, dq), dtype))
+    dq, dg = slot.q_dim, slot.g_dim
+    q.append(jnp.zeros((dq,) if slot.diagonal else (dq, dq), dtype))
     g.append(jnp.zeros((dg, dg), dtype))
-    q_inv.append(jnp.eye(dq, dtype=dtype))
+    q_inv.append(jnp.ones((dq,), dtype) if slot.diagonal else jnp.eye(dq, dtype=dtype))
     g_inv.append(jnp.eye(dg, dtype=dtype))
   return (Factors(tuple(q), tuple(g), tuple(diag)),
           Inverse(tuple(q_inv), tuple(g_inv)))
@@ -80,6 +81,8 @@ def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Facto
 
 def _pad_to(matrix: Array, size: int) -> Array:
   pad = size - matrix.shape[0]
+  if matrix.ndim == 1:  # a diagonal factor (no bias slot)
+    return matrix
   return jnp.pad(matrix, ((0, pad), (0, pad))) if pad else matrix
 
 
@@ -91,7 +94,7 @@ def estimate_finite(estimate: Estimate) -> Array:
   rows that formed it (``inf·0``, ``inf − inf``) reaches the diagonal: reading the
   diagonals (``n`` entries) replaces a pass over the ``n²``.
   """
-  diagonals = [jnp.diagonal(f) for f in (*estimate.q, *estimate.g)]
+  diagonals = [f if f.ndim == 1 else jnp.diagonal(f) for f in (*estimate.q, *estimate.g)]
   return nonfinite.all_finite(diagonals, estimate.diag)
 
 
@@ -156,7 +159,7 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
     i = block.kernel
     q_inv, g_inv = inverse.q[i], inverse.g[i]
     v = _block_matrix(leaves, block, q_inv.shape[0]).astype(q_inv.dtype)
-    x = q_inv @ v @ g_inv
+    x = (q_inv[:, None] * v if q_inv.ndim == 1 else q_inv @ v) @ g_inv
     kernel_leaf = leaves[block.kernel]
     out[block.kernel] = x[:block.in_dim].reshape(kernel_leaf.shape).astype(
         kernel_leaf.dtype)
@@ -170,7 +173,7 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
 
 
 def slots(factors: Factors) -> tuple:
-  """Per parameter leaf, the factor sizes ``(dim Q̃, dim 𝒢̃)`` the state reserves, or
+  """Per parameter leaf, the :class:`~curvax.kron.capture.Slot` the state reserves, or
   ``None`` (for :func:`curvax.kron.capture`'s ``slots``)."""
-  return tuple(None if q is None else (q.shape[0], g.shape[0])
+  return tuple(None if q is None else Slot(q.shape[0], g.shape[0], q.ndim == 1)
                for q, g in zip(factors.q, factors.g))
