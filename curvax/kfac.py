@@ -531,7 +531,7 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
 
 @_documented
 def kflr(loss: "losses_lib.Loss | str", *, weight_sharing: str = "expand",
-         max_columns: Optional[int] = 4096,
+         max_columns: Optional[float] = None,
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """KFLR: Kronecker-factored GGN with the exact ``E[𝒢_λ]`` (kfra_kflr.md §3.4).
 
@@ -544,16 +544,21 @@ def kflr(loss: "losses_lib.Loss | str", *, weight_sharing: str = "expand",
   Args:
     {weight_sharing}
     max_columns: refuse (at trace time) models with more than this many columns ``K``
-      per example (``None``: no limit).{common}"""
+      per example (``None``: 4096 — not a number by default, so that
+      ``optax.inject_hyperparams`` leaves it static; ``math.inf``: no limit).{common}"""
   kwargs = _common("curvax.kflr", kwargs, own=("weight_sharing", "max_columns"))
   _check_weight_sharing("curvax.kflr", weight_sharing)
-  if max_columns is not None:
-    check_integer("curvax.kflr: max_columns", max_columns, 1)
+  if max_columns is None:
+    max_columns = 4096
+  if concrete_value(max_columns) is None:
+    raise ValueError("curvax.kflr: max_columns is a trace-time limit and cannot be "
+                     "traced; with optax.inject_hyperparams pass static_args='max_columns'.")
+  check_positive("curvax.kflr: max_columns", max_columns)
   fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
 
   def estimator(cap, key):
     columns = math.prod(cap.lin.outputs.shape[1:])  # K = D for every curvax loss
-    if max_columns is not None and columns > max_columns:
+    if columns > max_columns:
       raise ValueError(
           f"curvax.kflr: this model has K = {columns} output columns per example "
           f"(outputs of shape {tuple(cap.lin.outputs.shape)}: classes × positions), more "

@@ -518,3 +518,136 @@ def test_chain_activations_of_the_paper_models():
       sig, sig, None, sig, sig]
   with pytest.raises(TypeError, match="unknown model"):
     kron.chain_activations(models.BasicCNN())
+
+
+# ------------------------------------------- weight sharing (Eschenhagen et al. 2023)
+
+
+def _shared_linear(batch, positions, pool, key=0):
+  """Pure JAX, linear, one kernel pair applied at every position: per-position outputs
+  (``pool=False``: the expand setting) or mean-pooled before the last layer (reduce)."""
+  k = jax.random.split(jax.random.PRNGKey(key), 5)
+  params = {"w1": jax.random.normal(k[0], (3, 4), jnp.float64) / 2,
+            "b1": jax.random.normal(k[1], (4,), jnp.float64),
+            "w2": jax.random.normal(k[2], (4, 2), jnp.float64) / 2,
+            "b2": jax.random.normal(k[3], (2,), jnp.float64)}
+  x = jax.random.normal(k[4], (batch, positions, 3), jnp.float64)
+
+  def predict(p):
+    h = kron.dense(x, p["w1"], p["b1"])
+    return kron.dense(jnp.mean(h, axis=1) if pool else h, p["w2"], p["b2"])
+
+  return predict, params
+
+
+@pytest.mark.parametrize("setting", ["expand", "reduce"])
+def test_weight_sharing_setting_is_exact_for_deep_linear_networks_in_its_setting(setting):
+  """Eschenhagen et al. 2023 (§3): K-FAC-expand is exact for deep linear networks whose
+  loss treats the positions as examples (squared error per position), K-FAC-reduce for
+  those that reduce the shared axis before the output (mean pooling); against the dense
+  GGN, batch 2, 3 positions. The other setting is not exact there."""
+  other = {"expand": "reduce", "reduce": "expand"}[setting]
+  with jax.enable_x64(True):
+    predict, params = _shared_linear(2, 3, pool=setting == "reduce")
+    outputs = predict(params)
+    targets = jax.random.normal(jax.random.PRNGKey(9), outputs.shape, jnp.float64)
+    ggn = _dense_ggn(predict, params, targets, ref.squared_error)
+    both = lambda cap: tuple(kron.kflr_factors(cap, weight_sharing=s)
+                             for s in (setting, other))
+    (exact, inexact), info = _estimate(predict, params, losses.squared_error(), targets,
+                                       both)
+    shared = info["blocks"][0]
+    assert shared.name == "curvax.kron.dense" and shared.q_dim == 4
+    for block, q, g in zip(info["blocks"], exact.q, exact.g):
+      index = _block_index(params, block)
+      np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)], rtol=1e-9,
+                                 atol=1e-12)
+    index = _block_index(params, shared)
+    assert not np.allclose(np.kron(inexact.q[0], inexact.g[0]), ggn[np.ix_(index, index)],
+                           rtol=1e-3)
+
+
+def test_weight_sharing_factors_match_their_definitions_on_a_position_mixing_network():
+  """A kernel shared over positions with a causal mixing after it and a per-position
+  cross-entropy (no setting is exact): expand and reduce factors against their
+  definitions (Eschenhagen et al. 2023, eq. for K-FAC-expand / -reduce) from dense
+  Jacobians of the outputs w.r.t. the shared layer's outputs, batch 2, 3 positions:
+  expand Q̃ = (1/BR) Σ_{n,r} ã ãᵀ, 𝒢̃ = (1/B) Σ_n Σ_r J_{nr}ᵀ H_n J_{nr};
+  reduce Q̃ = (1/B) Σ_n â_n â_nᵀ (â the positions' mean), 𝒢̃ = (1/B) Σ_n Ĵ_nᵀ H_n Ĵ_n
+  (Ĵ_n = Σ_r J_{nr})."""
+  with jax.enable_x64(True):
+    batch, positions = 2, 3
+    k = jax.random.split(jax.random.PRNGKey(4), 4)
+    params = {"w1": jax.random.normal(k[0], (3, 4), jnp.float64),
+              "b1": jax.random.normal(k[1], (4,), jnp.float64),
+              "w2": jax.random.normal(k[2], (4, 5), jnp.float64)}
+    x = jax.random.normal(k[3], (batch, positions, 3), jnp.float64)
+    causal = np.tril(np.ones((positions, positions))) / np.arange(1, positions + 1)[:, None]
+
+    def rest(h, p):  # from the shared layer's outputs to the network outputs
+      return jnp.einsum("ts,nsf->ntf", causal, jnp.tanh(h)) @ p["w2"]
+
+    predict = lambda p: rest(kron.dense(x, p["w1"], p["b1"]), p)
+    targets = jnp.array([[0, 4, 2], [1, 1, 3]])
+    run = lambda cap: {s: kron.kflr_factors(cap, weight_sharing=s)
+                       for s in ("expand", "reduce")}
+    with pytest.warns(UserWarning, match="w2"):  # w2 is not tagged: the fallback
+      estimates, info = _estimate(predict, params, losses.softmax_cross_entropy(),
+                                  targets, run)
+    h = np.asarray(x @ params["w1"] + params["b1"])
+    jac = np.stack([np.asarray(jax.jacobian(lambda hn: rest(hn[None], params)[0])(
+        jnp.asarray(h[n]))).reshape(positions * 5, positions, 4) for n in range(batch)])
+    outputs = np.asarray(info["outputs"])
+    hess = np.stack([np.asarray(jax.hessian(lambda o: ref.cross_entropy(
+        o.reshape(1, positions, 5), targets[n][None]))(jnp.asarray(outputs[n]).reshape(-1)))
+                     for n in range(batch)]) * positions  # ref: a mean over positions
+    a = np.concatenate([np.asarray(x), np.ones((batch, positions, 1))], axis=-1)
+    g_expand = sum(jac[n, :, r].T @ hess[n] @ jac[n, :, r] for n in range(batch)
+                   for r in range(positions)) / batch
+    summed = jac.sum(axis=2)
+    g_reduce = sum(summed[n].T @ hess[n] @ summed[n] for n in range(batch)) / batch
+    mean_a = a.mean(axis=1)
+    rows = a.reshape(-1, 4)
+    expected = {"expand": (rows.T @ rows / rows.shape[0], g_expand),
+                "reduce": (mean_a.T @ mean_a / batch, g_reduce)}
+    for setting, (q, g) in expected.items():
+      np.testing.assert_allclose(estimates[setting].q[0], q, rtol=1e-10)
+      np.testing.assert_allclose(estimates[setting].g[0], g, rtol=1e-9, atol=1e-13)
+
+
+class _EmbedAttention(nn.Module):
+  """Embedding, causal self-attention (DenseGeneral projections), a Dense read-out."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(5, 4)(tokens)
+    mask = nn.make_causal_mask(tokens)
+    h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h, mask=mask)
+    return nn.Dense(5)(h)
+
+
+def test_attention_projections_and_embedding_are_exact_with_one_row():
+  """With one example at one position every block has one row, so Q ⊗ 𝒢 is the GGN
+  block exactly (eq. 19): checks the layouts of the DenseGeneral projections
+  ((F, heads, head_dim) kernels with (heads, head_dim) biases, (heads, head_dim, F)
+  output kernel) and of the embedding's diagonal input factor."""
+  with jax.enable_x64(True):
+    model = _EmbedAttention()
+    tokens = jnp.array([[3]])
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.PRNGKey(0), tokens))
+    predict = lambda p: model.apply(p, tokens)
+    targets = jnp.array([[1]])
+    estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
+                               kron.kflr_factors)
+    assert not info["fallback"]
+    kinds = sorted((b.kind, b.q_dim, b.out_dim) for b in info["blocks"])
+    assert kinds == [("dense", 5, 4)] * 4 + [("dense", 5, 5), ("embed", 5, 4)]
+    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
+      if block.kind == "embed":
+        np.testing.assert_array_equal(q, np.eye(5)[3])  # the token's one-hot, as a vector
+        q = np.diag(q)
+      index = _block_index(params, block)
+      np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)], rtol=1e-9,
+                                 atol=1e-12)

@@ -86,3 +86,32 @@ class Autoencoder(nn.Module):
       if not (is_code or is_output):
         x = self.activation(x)
     return x
+
+
+class Transformer(nn.Module):
+  """A causal, decoder-only transformer language model (pre-LayerNorm blocks).
+
+  Token and learned position embeddings (``nn.Embed``), ``num_blocks`` blocks of causal
+  ``nn.MultiHeadDotProductAttention`` and a GELU MLP (4× wide), each behind a LayerNorm
+  and added back to the residual stream, a final LayerNorm and a Dense read-out to
+  ``vocab_size`` logits per position. Input: integer tokens ``(batch, positions)``;
+  output: logits ``(batch, positions, vocab_size)``.
+  """
+  vocab_size: int = 128
+  width: int = 128
+  num_heads: int = 4
+  num_blocks: int = 2
+  context: int = 128
+
+  @nn.compact
+  def __call__(self, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+    x = (nn.Embed(self.vocab_size, self.width, name="tokens")(tokens)
+         + nn.Embed(self.context, self.width, name="positions")(positions))
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.num_blocks):
+      x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
+          nn.LayerNorm()(x), mask=mask)
+      h = nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x)))
+      x = x + nn.Dense(self.width)(h)
+    return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
