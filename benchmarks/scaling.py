@@ -1,6 +1,7 @@
 """Weak scaling of every solver's step over 1, 2, 4 and 8 host devices.
 
     python -m benchmarks.scaling [--per-device-batch 32] [--repeats 10]
+    python -m benchmarks.scaling --flops-only   # 1-device step FLOPs (XLA cost analysis)
 
 The batch per device is fixed and the global batch grows with the device count; the
 step is one ``jax.jit`` over inputs sharded along the batch (XLA's SPMD partitioner
@@ -107,6 +108,24 @@ def measure(per_device_batch: int, repeats: int):
   return rows
 
 
+def step_flops(per_device_batch: int) -> dict:
+  """XLA's cost-analysis FLOPs of each solver's 1-device step (a static count: a loop
+  body, e.g. Hessian-free's CG iteration, counts once, as in :func:`all_reduce_bytes`)."""
+  loss = curvax.losses.get(LOSS)
+  params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))
+  x = jnp.zeros((per_device_batch, 784))
+  y = jnp.zeros((per_device_batch,), jnp.int32)
+  flops = {}
+  for name, make in SOLVERS.items():
+    tx = make()
+    step = training.make_step(MODEL, tx, loss, second_order=name != "sgd")
+    cost = step.lower(params, tx.init(params), x, y).compile().cost_analysis()
+    flops[name] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    print(json.dumps({"solver": name, "batch": per_device_batch,
+                      "step_flops": flops[name]}), flush=True)
+  return flops
+
+
 def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
@@ -128,7 +147,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--per-device-batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--flops-only", action="store_true")
   args = parser.parse_args()
+  if args.flops_only:
+    step_flops(args.per_device_batch)
+    return
   rows = measure(args.per_device_batch, args.repeats)
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / "scaling.json").write_text(json.dumps(rows, indent=1))
