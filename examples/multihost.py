@@ -20,9 +20,9 @@ global batches and hands JAX only its own rows
 under ``jax.jit`` on a tiny tanh MLP: the program is the global one, XLA's partitioner
 inserts the cross-process all-reduces, and no ``axis_name`` is needed. Each worker
 writes ``DIR/process{I}.npz`` (every solver's final parameters, state and loss, as seen
-by that process) and, from process 0, ``DIR/checkpoint_{solver}.npz``: the state one
-step before the end, fetched with ``multihost_utils.process_allgather``, for a
-single-process run to restore and continue (``tests/test_multihost.py`` checks both).
+by that process), and all together write the orbax checkpoint ``DIR/checkpoint_{solver}``
+of the parameters and state one step before the end, for a single-process run to
+restore and continue (``tests/test_multihost.py`` checks both).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import curvax  # noqa: E402
@@ -150,10 +149,12 @@ def worker(out: pathlib.Path, coordinator=None, num_processes=None, process_id=N
   # iterates disagree on sharding at trace time).
   for name in SOLVERS:
     def save_checkpoint(params, state, name=name):
-      # Every process takes part in the gather; process 0 alone writes.
-      host = multihost_utils.process_allgather((params, state), tiled=True)
-      if jax.process_index() == 0:
-        np.savez(out / f"checkpoint_{name}.npz", **flatten(host))
+      # Every process calls save with the global arrays; orbax writes each array once.
+      import orbax.checkpoint as ocp  # a dev dependency: only this example needs it
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out.absolute() / f"checkpoint_{name}", (params, state),
+                          force=True)
+        checkpointer.wait_until_finished()
 
     with jax.set_mesh(mesh):
       params, state = train(name, place_batch, NamedSharding(mesh, P()), save_checkpoint)
@@ -228,7 +229,7 @@ def main():
            args.cpu_collectives)
   else:
     launch(args.num_processes or 2, args.out, args.local_devices, args.timeout)
-    print(f"wrote {args.out}/process*.npz and {args.out}/checkpoint_*.npz")
+    print(f"wrote {args.out}/process*.npz and {args.out}/checkpoint_*/")
 
 
 if __name__ == "__main__":
