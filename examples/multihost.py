@@ -67,7 +67,9 @@ NUM_STEPS = {"lsr1": 2}
 
 def init_params():
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  return {"w1": jax.random.normal(k1, (4, 6)) / 2, "b1": jnp.full((6,), 0.1, jnp.float32),  # not weak-typed: one compile
+  # float32, not weak-typed: the step's outputs are strongly typed, so a weak-typed
+  # leaf would compile the step a second time.
+  return {"w1": jax.random.normal(k1, (4, 6)) / 2, "b1": jnp.full((6,), 0.1, jnp.float32),
           "w2": jax.random.normal(k2, (6, 3)) / 2}
 
 
@@ -131,6 +133,14 @@ def flatten(tree, prefix=""):
 
 def worker(out: pathlib.Path, coordinator=None, num_processes=None, process_id=None,
            cpu_collectives=None):
+  """One process: trains every solver on its rows of each global batch.
+
+  Args:
+    out: folder for ``process{I}.npz`` and the orbax checkpoints (shared by all).
+    coordinator, num_processes, process_id: for ``jax.distributed.initialize``;
+      ``None``: auto-detected (Cloud TPU, SLURM) or from ``JAX_*`` variables.
+    cpu_collectives: e.g. ``"gloo"``, for processes whose devices are CPUs.
+  """
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator, num_processes, process_id)
@@ -144,9 +154,6 @@ def worker(out: pathlib.Path, coordinator=None, num_processes=None, process_id=N
                                                   global_array.shape)
 
   results = {}
-  # The mesh in context: jax.make_mesh's axes are Explicit, and Hessian-free's CG under
-  # Explicit axes needs the context mesh (without it, its saved-iterate buffer and
-  # iterates disagree on sharding at trace time).
   for name in SOLVERS:
     def save_checkpoint(params, state, name=name):
       # Every process calls save with the global arrays; orbax writes each array once.
@@ -156,6 +163,9 @@ def worker(out: pathlib.Path, coordinator=None, num_processes=None, process_id=N
                           force=True)
         checkpointer.wait_until_finished()
 
+    # The mesh in context: jax.make_mesh's axes are Explicit, and Hessian-free's CG
+    # under Explicit axes needs it (without it, its saved-iterate buffer and its
+    # iterates disagree on sharding at trace time).
     with jax.set_mesh(mesh):
       params, state = train(name, place_batch, NamedSharding(mesh, P()), save_checkpoint)
     # Replicated outputs: this process's copy, read without any communication.
@@ -173,6 +183,12 @@ def free_port() -> int:
 
 def launch(num_processes: int, out, local_devices: int = 4, timeout: float = 300.0):
   """Runs the workers on 127.0.0.1; every worker is killed if one fails or time runs out.
+
+  Args:
+    num_processes: worker processes, coordinated over a free port chosen now.
+    out: their output folder; each worker's log goes to ``out/process{I}.log``.
+    local_devices: host CPU devices forced in each worker.
+    timeout: seconds before every worker is killed.
 
   Raises:
     RuntimeError: a worker failed (its output included) or ``timeout`` seconds passed.
