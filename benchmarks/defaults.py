@@ -28,6 +28,9 @@ CANDIDATES = {
         "inverse_period=5, γ=τ=1e-3": dict(inverse_period=5, gamma=1e-3, tau=1e-3),
         "paper (Algorithm 1: inverses every step, momentum, γ=τ=1e-3)":
             dict(inverse_period=1, momentum=True, gamma=1e-3, tau=1e-3),
+        "momentum": dict(momentum=True),
+        "momentum, τ=1e-3": dict(momentum=True, tau=1e-3),
+        "momentum, γ=1e-3": dict(momentum=True, gamma=1e-3),
     },
     "curveball": {
         "defaults": {},
@@ -43,13 +46,17 @@ def main(argv=None):
   parser.add_argument("--problems", default="autoencoder,mlp,cnn")
   parser.add_argument("--budget", type=float, default=30.0)
   parser.add_argument("--scale", type=float, default=1.0)
+  parser.add_argument("--candidates", default="",
+                      help="candidate labels separated by ';' (default: all)")
   args = parser.parse_args(argv)
   for solver in args.solvers.split(","):
     evidence = {"budget_seconds": args.budget, "scale": args.scale, "problems": {}}
     for name in args.problems.split(","):
       prob = time_to_loss.problem(name, scale=args.scale)
       rows = {}
-      for label, kwargs in CANDIDATES[solver].items():
+      chosen = args.candidates.split(";") if args.candidates else CANDIDATES[solver]
+      for label in chosen:
+        kwargs = CANDIDATES[solver][label]
         tx = time_to_loss.SOLVERS[solver](prob.loss, **kwargs)
         record = time_to_loss.run_one(prob, tx, second_order=True, budget=args.budget,
                                       seed=0, eval_every=args.budget / 10)
@@ -58,10 +65,21 @@ def main(argv=None):
         print(json.dumps({"solver": solver, "problem": name, "candidate": label,
                           "final_loss": record["loss"][-1], "steps": record["step"][-1]},
                          ensure_ascii=False), flush=True)
-      best = min(rows, key=lambda k: np.nan_to_num(rows[k]["final_loss"], nan=np.inf))
-      evidence["problems"][name] = {"best": best, "candidates": rows}
+      evidence["problems"][name] = {"best": _best(rows), "candidates": rows}
     path = time_to_loss.RESULTS / f"defaults_{solver}.json"
+    if path.exists():  # earlier runs of other problems and candidates are kept
+      earlier = json.loads(path.read_text())["problems"]
+      for name, entry in evidence["problems"].items():
+        merged = {**earlier.get(name, {}).get("candidates", {}), **entry["candidates"]}
+        entry.update(candidates=merged, best=_best(merged))
+      evidence["problems"] = {**earlier, **evidence["problems"]}
     path.write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
+
+
+def _best(rows: dict) -> str:
+  """The candidate with the lowest finite final loss."""
+  return min(rows, key=lambda k: np.nan_to_num(rows[k]["final_loss"], nan=np.inf,
+                                               posinf=np.inf))
 
 
 if __name__ == "__main__":
