@@ -187,9 +187,9 @@ def _tuned(problem, make, keys, exponents=range(1, 7)):
   return 10.0 ** -list(exponents)[int(jnp.argmin(scores))]
 
 
-def run(num_runs: int = 100, max_iters: int | None = None):
+def run(num_runs: int = 100, max_iters: int | None = None, *, sweep: bool = True):
   """The table; ``max_iters`` caps every run (a quick look: slower methods then show
-  the cap and count as not converged)."""
+  the cap and count as not converged); ``sweep`` adds CurveBall's λ₀ sweep."""
   keys = jax.random.split(jax.random.PRNGKey(0), num_runs)
   tune_keys = jax.random.split(jax.random.PRNGKey(1), 10)
   table = {}
@@ -214,7 +214,7 @@ def run(num_runs: int = 100, max_iters: int | None = None):
       if method_name == "adam":
         row[name]["learning_rate"] = adam_lr
       print(json.dumps({"problem": name, "method": method_name, **row[name]}), flush=True)
-    for damping in CURVEBALL_DAMPING_SWEEP:
+    for damping in CURVEBALL_DAMPING_SWEEP if sweep else ():
       mean, std, failed = _stats(problem, _curveball(damping), keys)
       sweep = table.setdefault("curveball_damping_sweep", {}).setdefault(str(damping), {})
       sweep[name] = {"mean": mean, "std": std, "not_converged": failed}
