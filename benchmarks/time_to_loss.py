@@ -30,7 +30,7 @@ import argparse
 import json
 import pathlib
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ class Problem(NamedTuple):
   probe: datasets.Dataset
   batch_size: int
   autoencoder: bool
-  activation: Callable | None  # the network's elementwise function, for KFRA's recursion
+  activation: Any  # the network's elementwise function(s) between layers, for KFRA
 
 
 def problem(name: str, *, scale: float = 1.0) -> Problem:
@@ -68,7 +68,9 @@ def problem(name: str, *, scale: float = 1.0) -> Problem:
   if name == "autoencoder":
     data = datasets.subset(datasets.load_mnist("train"), size(20000))
     return Problem(models.Autoencoder(), curvax.losses.sigmoid_binary_cross_entropy(), data,
-                   datasets.subset(data, size(5000)), size(1000), True, jax.nn.sigmoid)
+                   datasets.subset(data, size(5000)), size(1000), True,
+                   # sigmoid after every hidden layer but the linear 30-unit code
+                   [jax.nn.sigmoid] * 3 + [None] + [jax.nn.sigmoid] * 3)
   if name == "mlp":
     data = datasets.subset(datasets.load_mnist("train"), size(30000))
     return Problem(models.MLP(features=(1000, 500, 250, 10)),
