@@ -224,20 +224,30 @@ def markdown(summary: dict) -> str:
 
 
 def plot(results: dict, path) -> None:
+  """Probe loss vs seconds (top) and vs updates (bottom), one column per problem; one
+  colour per optimiser throughout; diverged runs are cut off above 10× the start."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  names = list(FIRST_ORDER) + list(SOLVERS)
+  colours = dict(zip(names, plt.get_cmap("tab10").colors))
   fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
   for column, (name, runs) in enumerate(results.items()):
+    start = min(r["loss"][0] for r in runs.values() if "loss" in r)
     for method, record in runs.items():
       if "unsupported" in record:
         continue
-      style = "--" if method in FIRST_ORDER else "-"
-      axes[0, column].plot(record["seconds"], record["loss"], style, label=method)
-      axes[1, column].plot(record["step"], record["loss"], style, label=method)
-    axes[0, column].set(title=name, xlabel="seconds (compile excluded)", ylabel="probe loss",
-                        yscale="log")
-    axes[1, column].set(xlabel="updates", ylabel="probe loss", yscale="log", xscale="symlog")
+      style = dict(ls="--" if method in FIRST_ORDER else "-", color=colours.get(method),
+                   label=method)
+      axes[0, column].plot(record["seconds"], record["loss"], **style)
+      axes[1, column].plot(record["step"], record["loss"], **style)
+    finite = [v for r in runs.values() for v in r.get("loss", []) if np.isfinite(v)]
+    for row, xlabel in ((0, "seconds (compile excluded)"), (1, "updates")):
+      axes[row, column].set(title=name if row == 0 else None, xlabel=xlabel,
+                            ylabel="probe loss", yscale="log",
+                            ylim=(0.8 * min(finite), 10 * start))
+    axes[1, column].set_xscale("symlog", linthresh=1)
+    axes[1, column].set_xlim(left=0)
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -266,7 +276,8 @@ def update_readme(results_json: pathlib.Path, readme: pathlib.Path = README) -> 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--report", action="store_true",
-                      help="only rewrite the README block from the existing JSON")
+                      help="only redraw the PNG and rewrite the README block from the "
+                           "existing JSON")
   parser.add_argument("--problems", default="autoencoder,mlp,cnn")
   parser.add_argument("--solvers", default=",".join(SOLVERS))
   parser.add_argument("--budget", type=float, default=40.0,
@@ -278,6 +289,7 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   if args.report:
     update_readme(out.with_suffix(".json"))
+    plot(json.loads(out.with_suffix(".json").read_text())["curves"], out.with_suffix(".png"))
     return
   results = run(tuple(args.problems.split(",")), budget=args.budget,
                 solvers=tuple(args.solvers.split(",")), scale=args.scale)
