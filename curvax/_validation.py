@@ -71,6 +71,16 @@ def concrete_value(value: Any) -> Optional[float]:
   return float(np.asarray(value))
 
 
+def check_within(name: str, value: Any, low: Any, high: Any, *,
+                 bounds: str = "[min_damping, max_damping]") -> None:
+  """``low <= value <= high`` for whichever of the three are known numbers (an initial
+  damping within its bounds; schedules and traced values are not checked)."""
+  number, lowest, highest = (concrete_value(v) for v in (value, low, high))
+  if number is not None and ((lowest is not None and number < lowest)
+                             or (highest is not None and number > highest)):
+    raise ValueError(f"{name} must lie in {bounds} = [{low}, {high}], got {value!r}.")
+
+
 def value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
   """A hyperparameter's value at step ``count`` (a schedule is called, a number kept)."""
   return value(count) if callable(value) else value

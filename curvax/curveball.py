@@ -44,7 +44,7 @@ from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_integer, check_positive, concrete_value, value_at)
+                                check_integer, check_positive, check_within, value_at)
 
 PyTree = Any
 
@@ -131,10 +131,7 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
   check_positive("min_damping", min_damping)
   check_positive("max_damping", max_damping)
   period = check_integer("damping_period", damping_period, 0)
-  bounds = [concrete_value(v) for v in (min_damping, damping, max_damping)]
-  if None not in bounds and not bounds[0] <= bounds[1] <= bounds[2]:
-    raise ValueError(f"damping must lie in [min_damping, max_damping] = "
-                     f"[{min_damping}, {max_damping}], got {damping}.")
+  check_within("damping", damping, min_damping, max_damping)
   if rho is not None:
     check_in_range("rho", rho, 0.0, 1.0, schedule=True)
   if beta is not None:

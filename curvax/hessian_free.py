@@ -30,7 +30,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from curvax import cg
@@ -40,7 +39,7 @@ from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_positive, concrete_value, static_int, value_at)
+                                check_positive, check_within, static_int, value_at)
 
 PyTree = Any
 
@@ -140,12 +139,7 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
   check_positive("min_damping", min_damping, schedule=True)
   check_positive("max_damping", max_damping, schedule=True)
   check_in_range("preconditioner_exponent", preconditioner_exponent, 0, 1)
-  low, initial, high = (concrete_value(v) for v in (min_damping, damping, max_damping))
-  below = low is not None and initial is not None and initial < low
-  above = high is not None and initial is not None and initial > high
-  if below or above:
-    raise ValueError(f"damping must lie in [min_damping, max_damping], got {damping} not "
-                     f"in [{min_damping}, {max_damping}].")
+  check_within("damping", damping, min_damping, max_damping)
   if preconditioner not in (None, "diagonal"):
     raise ValueError(f"preconditioner must be None or 'diagonal', got {preconditioner!r}.")
 

@@ -66,7 +66,8 @@ from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_integer, check_positive, concrete_value, value_at)
+                                check_integer, check_positive, check_within, concrete_value,
+                                value_at)
 from curvax.kron import state as kron_state
 
 PyTree = Any
@@ -169,13 +170,9 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
   check_fraction(label("gamma_factor"), gamma_factor)
   check_positive(label("min_damping"), min_damping, schedule=True)
   check_positive(label("max_damping"), max_damping, schedule=True)
+  check_within(label("gamma"), gamma, min_damping, max_damping)
+  check_within(label("tau"), tau, min_damping, max_damping)
   low, high = concrete_value(min_damping), concrete_value(max_damping)
-  for arg, value in (("gamma", gamma), ("tau", tau)):
-    number = concrete_value(value)
-    if number is not None and ((low is not None and number < low)
-                               or (high is not None and number > high)):
-      raise ValueError(f"{name}: {arg} must lie in [min_damping, max_damping] = "
-                       f"[{min_damping}, {max_damping}], got {arg}={value}.")
   if low is not None and high is not None and low > high:
     raise ValueError(f"{name}: min_damping={min_damping} exceeds "
                      f"max_damping={max_damping}.")
