@@ -43,8 +43,13 @@ Deviations and choices (see also the README):
   Algorithm 1 refreshes them every step (``inverse_period=1``, the default);
 * the reduction ratio of eq. 42 uses the damped model ``G + (τ + η)I``, as written in
   App. C.3.1 (KFAC's §6.5 leaves ``τ`` out);
-* parameters outside every captured layer get a diagonal GGN estimate
-  (``fallback="diagonal"``) or the identity, with a warning; KFRA refuses them.
+* the scale and offset of a LayerNorm / RMSNorm and every vector parameter no captured
+  layer uses (a standalone bias) get a full GGN block ``(F + kI)⁻¹``
+  (:mod:`curvax.kron.full_blocks`; KFAC and KFLR); what is left (a weight under
+  ``nn.scan``, a transformed or tied weight, a block above ``max_factor_dim``) gets a
+  diagonal GGN estimate (``fallback="diagonal"``) or the identity, and a warning names
+  exactly those parameters. KFRA refuses all of these: its recursion covers chains of
+  Dense layers only.
 """
 
 from __future__ import annotations
@@ -217,7 +222,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
         name, predict_fn=predict_fn, targets=targets, linearization=linearization,
         axis_name=axis_name)
     cap = kron.capture(predict, params, loss=loss, targets=targets,
-                       slots=kron_state.slots(state.factors), solver=name,
+                       slots=kron_state.slots(state.factors),
+                       full_slots=kron_state.full_slots(state.factors), solver=name,
                        axis_name=axis_name)
     lin = cap.lin
     # Scalars in at least float32: the damping bounds (1e-8, 1e8) do not exist in
@@ -398,12 +404,16 @@ _COMMON_ARGS = """
     min_damping, max_damping: bounds for ``γ`` and ``τ`` (numbers or schedules).
     momentum: add KFAC's momentum ``μ δ_prev`` (Martens & Grosse §7) with ``(α, μ)``
       from a 2×2 quadratic-model solve (the paper found no benefit: §5).
-    fallback: curvature block of parameters outside every captured layer:
-      ``"diagonal"`` (a GGN-diagonal estimate from the estimator's own backward pass)
-      or ``"identity"``. A warning names them.
-    max_factor_dim: kernels whose factors would be larger than this (and every other
-      leaf) use the fallback; also bounds the state allocated for leaves that turn out
-      not to be kernels (e.g. embedding tables). ``None``: no bound.
+    fallback: curvature block of the parameters that have neither a Kronecker block
+      (kernels and their biases) nor a full block (LayerNorm / RMSNorm scales and
+      offsets, vectors no captured layer uses): ``"diagonal"`` (a GGN-diagonal estimate
+      from the estimator's own backward pass) or ``"identity"``. A warning names them.
+    max_factor_dim: kernels whose factors, and full blocks that would be larger than
+      this (and every leaf with more axes that is no kernel) use the fallback; also
+      bounds the state allocated for leaves that turn out not to be kernels (e.g.
+      embedding tables). A full block of ``d`` features costs ``2d²`` numbers (block
+      and inverse; ``8d²`` for a LayerNorm's joint scale-offset block). ``None``: no
+      bound.
     seed: PRNG seed of the estimator's random numbers (folded with the step count).
     axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over,
       evenly: the gradient, the factors (each an average over examples), the quadratic
@@ -418,7 +428,8 @@ _USAGE = """
   ``linearization=`` from :func:`curvax.linearize`, whose network and targets are
   re-run with the layers captured). Pass ``None`` for the updates: the gradient comes
   from the step's own forward pass; a given gradient (e.g. after
-  ``optax.add_decayed_weights``) is used instead. Flax linen ``nn.Dense``/``nn.Conv``
+  ``optax.add_decayed_weights``) is used instead. Flax linen ``nn.Dense``,
+  ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``, ``nn.LayerNorm`` and ``nn.RMSNorm``
   layers are found automatically; in pure JAX or ``flax.nnx`` code mark layers with
   :func:`curvax.kron.dense` (see :mod:`curvax.kron.capture`).
 
@@ -496,7 +507,8 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
   ``𝒢̃_λ`` is the Monte-Carlo Fisher: targets sampled from the model's predictive
   distribution (``loss.sample``), pulled back to every layer in one backward pass per
   sample. For the exponential-family losses it equals KFLR's exact ``E[𝒢_λ]`` in
-  expectation. Dense and Conv layers (KFC).
+  expectation. Dense, Conv (KFC) and embedding layers; full blocks for normalisation
+  layers and lone vectors (:mod:`curvax.kron.full_blocks`).
   {usage}
   Args:
     num_samples: Monte-Carlo samples of the targets per step (``None``: 1 — not a

@@ -3,29 +3,35 @@
 The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curvax.kfra`
 (kfra_kflr.md §3, App. C):
 
-* :func:`capture` runs ``predict_fn`` once, finds its Flax ``nn.Dense`` / ``nn.Conv``
+* :func:`capture` runs ``predict_fn`` once, finds its Flax ``nn.Dense`` /
+  ``nn.DenseGeneral`` / ``nn.Conv`` / ``nn.Embed`` / ``nn.LayerNorm`` / ``nn.RMSNorm``
   layers (or :func:`dense` tags in pure JAX / nnx code), and linearises the network in
   the parameters and a zero perturbation of every layer output
   (:mod:`curvax.kron.capture`);
 * :func:`kfac_factors`, :func:`kflr_factors`, :func:`kfra_factors` estimate each
-  layer's ``Q̃`` and ``𝒢̃`` (:mod:`curvax.kron.factors`);
+  layer's ``Q̃`` and ``𝒢̃`` (:mod:`curvax.kron.factors`), and the full blocks of
+  normalisation layers' scales and offsets and of vector parameters no layer uses
+  (:mod:`curvax.kron.full_blocks`); what has neither gets a diagonal fallback, named in
+  a warning;
 * :mod:`curvax.kron.state` keeps their moving averages and damped inverses and
   applies the factored-damping preconditioner (:mod:`curvax.kron.inverse`).
 """
 
 from curvax.kron import capture as capture_lib
 from curvax.kron import factors
+from curvax.kron import full_blocks
 from curvax.kron import inverse
 from curvax.kron import state
 from curvax.kron.capture import Block, Capture, LayerCall, capture, conv_patches, dense
 from curvax.kron.factors import Estimate, chain_activations
+from curvax.kron.full_blocks import FullBlock
 from curvax.kron.factors import kfac as kfac_factors
 from curvax.kron.factors import kflr as kflr_factors
 from curvax.kron.factors import kfra as kfra_factors
 from curvax.kron.inverse import damped_inverses, damped_kron_inverse, factored_inverse
 
 __all__ = [
-    "capture_lib", "factors", "inverse", "state",
+    "capture_lib", "factors", "full_blocks", "inverse", "state", "FullBlock",
     "Block", "Capture", "LayerCall", "capture", "conv_patches", "dense",
     "Estimate", "chain_activations", "kfac_factors", "kflr_factors", "kfra_factors",
     "damped_inverses", "damped_kron_inverse", "factored_inverse",

@@ -1,4 +1,4 @@
-"""Finding the Dense / Conv layers of a network and their activations and sensitivities.
+"""Finding the layers of a network and their activations and sensitivities.
 
 Kronecker-factored curvature (kfra_kflr.md §3.2, eq. 19–21) needs, per layer ``λ`` with
 ``h_λ = W_λ a_{λ−1}``, the layer's inputs ``a_{λ−1}`` and the derivatives of the network
@@ -15,9 +15,10 @@ Layers are found in two ways, both by the identity of the parameter arrays they 
 the parameter pytree may be nested in any way, e.g. Flax ``{'params': ...}`` or an nnx
 ``State``):
 
-* Flax linen ``nn.Dense`` and ``nn.Conv`` (exact types; N-d convolutions with
-  ``feature_group_count=1`` and no mask) are intercepted automatically with
-  ``flax.linen.intercept_methods``;
+* Flax linen ``nn.Dense``, ``nn.DenseGeneral`` (attention projections), ``nn.Conv``
+  (N-d, ``feature_group_count=1``, no mask), ``nn.Embed``, ``nn.LayerNorm`` and
+  ``nn.RMSNorm`` (exact types; normalisation over the last axis's features) are
+  intercepted automatically with ``flax.linen.intercept_methods``;
 * pure-JAX code marks a layer with :func:`dense` — ``curvax.kron.dense(x, w, b)`` computes
   ``x @ w + b`` and records it when a capture is running (and is a plain matmul
   otherwise). In a ``flax.nnx`` module, call it with the variables' arrays,
@@ -27,9 +28,14 @@ the parameter pytree may be nested in any way, e.g. Flax ``{'params': ...}`` or 
   wrapped in ``nnx.bridge.ToNNX`` is captured only if its random-number state is split
   off and merged back in ``predict_fn``).
 
-Parameters that no captured layer uses (LayerNorm scales, embeddings, a layer under
-``nn.scan``, a transformed weight) get a fallback block chosen by the optimiser and
-trigger a ``warnings.warn``; a model with no captured layer at all is an error.
+Kernels (Dense, Conv, Embed) get Kronecker blocks (:data:`KINDS`); a normalisation
+layer's scale and offset, and every vector leaf no captured layer uses (a standalone
+bias), get a full block (:mod:`curvax.kron.full_blocks`: the normalisation layer records
+its normalised input ``x̂`` in place of ``a``). What is left — a layer under ``nn.scan``,
+a transformed weight, a tied embedding, a block larger than ``max_factor_dim`` — gets
+the optimiser's fallback block (a diagonal estimate by default), and a
+``warnings.warn`` names exactly those parameters and why; a model with no captured layer
+at all is an error.
 
 Convolutions follow KFC (Grosse & Martens 2016): the layer is a Dense layer on input
 patches, ``h[n, t] = P[n, t] · vec(W) + b`` with one patch ``P[n, t]`` per output position
@@ -52,6 +58,7 @@ from jax import lax
 
 from curvax import cvp
 from curvax import losses as losses_lib
+from curvax.kron import full_blocks as full_lib
 
 Array = jax.Array
 PyTree = Any
@@ -76,27 +83,34 @@ class LayerCall:
   """One captured call of a layer (static: known at trace time).
 
   Attributes:
-    kind: a key of :data:`KINDS` (``"dense"``, ``"conv"`` or ``"embed"``).
+    kind: a key of :data:`KINDS` (``"dense"``, ``"conv"`` or ``"embed"``), or ``"norm"``
+      (a LayerNorm / RMSNorm: a full block, :mod:`curvax.kron.full_blocks`).
     name: the Flax module path, or ``"curvax.kron.dense"`` for a tag.
     kernel, bias: indices of the kernel and bias among ``jax.tree.leaves(params)``
-      (``bias`` is ``None`` for a layer without one).
+      (``bias`` is ``None`` for a layer without one); a norm layer's scale and offset
+      (either may be ``None``).
     in_dim: input features of one row (patch size ``∏kernel_size · C_in`` for a conv,
-      the vocabulary for an embedding).
+      the vocabulary for an embedding, the features for a norm layer).
     out_dim: output features (flattened: ``heads · head_dim`` for an attention
       projection).
     input_shape, output_shape: the call's array shapes (the input with the contracted
-      axes last).
+      axes last; a norm layer's input is its normalised ``x̂``).
     conv: the convolution's configuration (``None`` for dense).
   """
   kind: str
   name: str
-  kernel: int
+  kernel: Optional[int]
   bias: Optional[int]
   in_dim: int
   out_dim: int
   input_shape: tuple[int, ...]
   output_shape: tuple[int, ...]
   conv: Optional[ConvConfig] = None
+
+  @property
+  def param(self) -> int:
+    """A parameter leaf of the call (the kernel, else the bias)."""
+    return self.kernel if self.kernel is not None else self.bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +230,7 @@ class _Recorder:
     k = self._leaf_index(kernel)
     b = self._leaf_index(bias)
     if k is None or (bias is not None and b is None):
-      self.skipped.append((name, "its kernel or bias is not a leaf of the params given "
-                                 "to predict_fn (a transformed weight, nn.scan/nn.remat, or "
-                                 "an array passed twice)"))
+      self.skipped.append((name, _NOT_A_LEAF))
       return out
     kernel_shape = jnp.shape(kernel)
     in_dim = math.prod(kernel_shape[:-out_axes])
@@ -227,9 +239,27 @@ class _Recorder:
       self.skipped.append((name, f"output features {jnp.shape(out)[-out_axes:]} differ "
                                  f"from the kernel's axes {kernel_shape[-out_axes:]}"))
       return out
+    return self._append(LayerCall(kind, name, k, b, in_dim, out_dim, tuple(jnp.shape(x)),
+                                  tuple(jnp.shape(out)), conv), x, out)
+
+  def record_norm(self, name, x_hat, out, scale, bias):
+    """Registers a normalisation layer ``out = x̂ ⊙ scale + bias`` (features last;
+    ``scale`` or ``bias`` may be ``None``) and returns its (perturbed) output."""
+    s, b = self._leaf_index(scale), self._leaf_index(bias)
+    if (scale is not None and s is None) or (bias is not None and b is None):
+      self.skipped.append((name, _NOT_A_LEAF))
+      return out
+    features = jnp.shape(out)[-1]
+    if any(p is not None and jnp.shape(p) != (features,) for p in (scale, bias)):
+      self.skipped.append((name, "its scale or offset is not a vector over the last axis"))
+      return out
+    return self._append(LayerCall("norm", name, s, b, features, features,
+                                  tuple(jnp.shape(x_hat)), tuple(jnp.shape(out))),
+                        x_hat, out)
+
+  def _append(self, call, x, out):
     index = len(self.calls)
-    self.calls.append(LayerCall(kind, name, k, b, in_dim, out_dim, tuple(jnp.shape(x)),
-                                tuple(jnp.shape(out)), conv))
+    self.calls.append(call)
     if self.perturbations is not None:
       if index >= len(self.perturbations):
         raise RuntimeError(
@@ -243,13 +273,15 @@ class _Recorder:
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense", nn.Conv: "conv",
-            nn.Embed: "embed"}.get(type(module))
+            nn.Embed: "embed", nn.LayerNorm: "norm", nn.RMSNorm: "norm"}.get(type(module))
     if kind is None:
       return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
     if module.is_initializing():
       return out
     name = "/".join(str(p) for p in module.path) or type(module).__name__
+    if kind == "norm":
+      return self._intercept_norm(module, name, args, kwargs, out)
     if context.method_name != "__call__":
       if kind == "embed" and context.method_name == "attend":
         # A tied output layer: the table's curvature has a second, uncaptured use.
@@ -277,6 +309,33 @@ class _Recorder:
         self.skipped.append((name, reason))
         return out
     return self.record(kind, name, x, out, kernel, bias, conv, out_axes)
+
+
+  def _intercept_norm(self, module, name, args, kwargs, out):
+    """A LayerNorm / RMSNorm: ``x̂`` from the same module without scale and offset (the
+    same statistics code, so ``x̂ ⊙ γ + β`` is what the layer computed)."""
+    use_bias = getattr(module, "use_bias", False)
+    if not (module.use_scale or use_bias):
+      return out  # no parameters (also the plain copy below)
+    ndim = jnp.ndim(out)
+    features = module.feature_axes
+    features = (features,) if isinstance(features, int) else tuple(features)
+    if tuple(a % ndim for a in features) != (ndim - 1,):
+      self.skipped.append((name, f"feature_axes={module.feature_axes!r}: only "
+                                 "normalisation with features on the last axis is captured"))
+      return out
+    if ndim < 2:
+      self.skipped.append((name, "input without a batch axis"))
+      return out
+    fields = dict(use_scale=False, **({"use_bias": False} if use_bias else {}))
+    x_hat = module.clone(parent=None, **fields).apply({}, *args, **kwargs)
+    scale = module.get_variable("params", "scale") if module.use_scale else None
+    bias = module.get_variable("params", "bias") if use_bias else None
+    return self.record_norm(name, x_hat, out, scale, bias)
+
+
+_NOT_A_LEAF = ("its kernel or bias is not a leaf of the params given to predict_fn (a "
+               "transformed weight, nn.scan/nn.remat, or an array passed twice)")
 
 
 def _dense_general_input(module, x):
@@ -408,19 +467,23 @@ class Capture:
     params, leaves: the parameters and ``jax.tree.leaves(params)``.
     calls: the captured :class:`LayerCall` s, in call order.
     blocks: the Kronecker blocks (:class:`Block`), one per captured kernel.
-    fallback: indices of the leaves no block covers.
-    inputs, outputs: per call, the layer's input ``a`` and (perturbed) output ``h``.
+    full_blocks: the full blocks (:class:`curvax.kron.full_blocks.FullBlock`) of the
+      normalisation layers and of the vector leaves no layer uses.
+    fallback: indices of the leaves no block covers (the diagonal fallback).
+    inputs, outputs: per call, the layer's input ``a`` (a norm layer's ``x̂``) and
+      (perturbed) output ``h``.
     batch_size: the size of axis 0 of the network outputs.
   """
 
   def __init__(self, lin, params, calls, blocks, fallback, inputs, outputs, perturbations,
-               leaf_names, predict_fn=None):
+               leaf_names, predict_fn=None, full_blocks=()):
     self.predict_fn = predict_fn
     self.lin = lin
     self.params = params
     self.leaves = jax.tree.leaves(params)
     self.calls = calls
     self.blocks = blocks
+    self.full_blocks = full_blocks
     self.fallback = fallback
     self.inputs = inputs
     self.outputs = outputs
@@ -531,7 +594,8 @@ def _blocks(calls: Sequence[LayerCall], leaves, max_factor_dim, slots=None,
   """Groups calls by kernel; returns ``(blocks, used leaves, skipped)``."""
   groups: dict[int, list[int]] = {}
   for i, call in enumerate(calls):
-    groups.setdefault(call.kernel, []).append(i)
+    if call.kind in KINDS:
+      groups.setdefault(call.kernel, []).append(i)
   blocks, skipped = [], []
   for kernel, members in groups.items():
     first = calls[members[0]]
@@ -598,7 +662,8 @@ def slot_for(path: Sequence[Any], shape: Sequence[int], max_factor_dim: Optional
     ``shape[-1]``;
 
   unless a matrix factor exceeds ``max_factor_dim`` (then ``None``). A layer whose
-  factors do not fit its kernel's slot gets the fallback, with a warning.
+  factors do not fit its kernel's slot gets the fallback, with a warning. Leaves with at
+  most one axis reserve full blocks instead (:func:`full_slots`).
   """
   shape = tuple(shape)
   if len(shape) < 2:
@@ -627,19 +692,29 @@ def leaf_slots(params: PyTree, max_factor_dim: Optional[int]) -> list[Optional[S
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+def full_slots(params: PyTree, max_factor_dim: Optional[int]) -> list[Optional[int]]:
+  """Per leaf, the size of the full block (:mod:`curvax.kron.full_blocks`) whose matrix
+  it stores, or ``None``: blocks of the vector leaves of :func:`full_blocks.vector_groups
+  <curvax.kron.full_blocks.vector_groups>` no larger than ``max_factor_dim``."""
+  return full_lib.reserved_dims(params, leaf_slots(params, max_factor_dim),
+                                max_factor_dim)
+
+
 def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
             loss: "losses_lib.Loss | str", targets: Array,
             max_factor_dim: Optional[int] = None, solver: str = "curvax.kron",
             warn: bool = True, axis_name: Optional[str] = None,
-            slots: Optional[Sequence[Optional[Slot]]] = None) -> Capture:
+            slots: Optional[Sequence[Optional[Slot]]] = None,
+            full_slots: Optional[Sequence[Optional[int]]] = None) -> Capture:
   """Runs ``predict_fn(params)`` once with its layers captured and linearised.
 
   Args:
-    predict_fn: ``params -> outputs`` on the current batch; its Flax ``nn.Dense`` /
-      ``nn.Conv`` layers and :func:`dense` tags are captured.
+    predict_fn: ``params -> outputs`` on the current batch; its Flax layers (see the
+      module docstring) and :func:`dense` tags are captured.
     params: the parameters (any pytree).
     loss, targets: the loss on the outputs and what it compares them with.
-    max_factor_dim: kernels whose factors would be larger are left to the fallback.
+    max_factor_dim: kernels whose factors, and full blocks that would be larger are
+      left to the fallback.
     solver: the name used in errors and warnings.
     warn: warn about parameters without a Kronecker block.
     axis_name: the data-parallel axis the batch is split over (see
@@ -648,6 +723,9 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
       ``None`` (replaces ``max_factor_dim``: an optimiser reads them
       from its state, whose shapes are static even when ``max_factor_dim`` is an
       injected, traced hyperparameter).
+    full_slots: with ``slots``, per leaf, the size of the full block reserved in the
+      optimiser state at that leaf, or ``None`` (see :func:`full_slots`; ``None``: no
+      full blocks).
 
   Raises:
     ValueError: when no layer is found.
@@ -670,29 +748,38 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   jax.eval_shape(discover, params)
   discovered = found[0]
   calls = tuple(discovered.calls)
+  if slots is None:
+    kernel_slots = leaf_slots(params, max_factor_dim)
+    full_dims = full_lib.reserved_dims(params, kernel_slots, max_factor_dim)
+  else:
+    kernel_slots = slots
+    full_dims = [None] * len(leaves) if full_slots is None else full_slots
   blocks, used, skipped = _blocks(calls, leaves, max_factor_dim, slots,
                                   frozenset(discovered.unblockable))
-  skipped = discovered.skipped + skipped
-  if not blocks:
+  full, covered, full_skipped = full_lib.build(calls, params, leaf_names, kernel_slots,
+                                               full_dims, used)
+  skipped = discovered.skipped + skipped + full_skipped
+  if not blocks and not any(b.kind == "norm" for b in full):
     detail = "".join(f"\n  {name}: {reason}" for name, reason in skipped)
     raise ValueError(
         f"{solver}: found no Dense or Conv layer in predict_fn, so there is nothing to "
         "Kronecker-factor. Flax linen nn.Dense / nn.Conv layers are found automatically; "
         "in pure JAX or flax.nnx code mark each layer with curvax.kron.dense(x, w, b) "
         "(w and b must be leaves of the params passed to the optimiser)." + detail)
-  fallback = tuple(i for i in range(len(leaves)) if i not in used)
-  if warn and (fallback or skipped):
-    lines = [f"  {name}: {reason}" for name, reason in skipped]
-    if fallback:
-      lines.append("  parameters without a Kronecker block: "
-                   + ", ".join(leaf_names[i] for i in fallback))
+  fallback = tuple(i for i in range(len(leaves)) if i not in used | covered)
+  if warn and fallback:
+    # Exactly the leaves left to the fallback, then the layers that were not captured
+    # (a layer's vectors may still have got a full block).
+    lines = ["  " + ", ".join(leaf_names[i] for i in fallback)]
+    if skipped:
+      lines += ["not captured:"] + [f"  {name}: {reason}" for name, reason in skipped]
     warnings.warn(
-        f"{solver}: some parameters are not the kernel/bias of a captured Dense or Conv "
-        "layer; they get the optimiser's fallback curvature block (a diagonal estimate "
-        "by default, see `fallback=`):\n" + "\n".join(lines), stacklevel=3)
+        f"{solver}: these parameters have no Kronecker or full curvature block and get "
+        "the optimiser's fallback curvature block (a diagonal estimate by default, see "
+        "`fallback=`):\n" + "\n".join(lines), stacklevel=3)
 
   # Pass 2: the real forward pass, linearised in (params, perturbations).
-  zeros = tuple(jnp.zeros(c.output_shape, _float_dtype(leaves[c.kernel])) for c in calls)
+  zeros = tuple(jnp.zeros(c.output_shape, _float_dtype(leaves[c.param])) for c in calls)
 
   def run(params_and_perturbations):
     p, perturbations = params_and_perturbations
@@ -709,7 +796,7 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
                        axis_name=axis_name)
   inputs, outputs = lin.aux
   return Capture(lin, params, calls, blocks, fallback, inputs, outputs, zeros, leaf_names,
-                 predict_fn)
+                 predict_fn, full)
 
 
 def _float_dtype(leaf):

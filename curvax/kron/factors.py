@@ -24,9 +24,13 @@ the kernel reshaped to ``(in, out)`` (bias as an appended input row), flattened 
 With one example (``B = 1``, one row per layer) KFLR and KFRA give exactly the diagonal
 GGN blocks ``Q_λ ⊗ 𝒢_λ`` (eq. 19, App. D.4).
 
-Parameters outside every block (see :mod:`curvax.kron.capture`) get a diagonal estimate
-``Σ_k (Jᵀ (r_k ⊙ u_k))²`` with a random sign ``r`` per column and example: its expectation
-is ``diag(Σ_n J_nᵀ H_n J_n)``, the diagonal of their GGN block (KFAC/KFLR only).
+The same columns give the full blocks of :mod:`curvax.kron.full_blocks` (KFAC/KFLR
+only): a LayerNorm / RMSNorm's ``Σ_{k,n} g g ᵀ`` from its exact per-example gradients
+``g = [Σ_t x̂ ⊙ s ; Σ_t s]``, and a vector leaf no layer uses ``Σ_k c_k c_kᵀ`` from the
+sign-mixed parameter cotangent ``c_k = Jᵀ (r_k ⊙ u_k)`` (a random sign ``r`` per column
+and example: ``E[c_k c_kᵀ] = Σ_n J_nᵀ u_{n,k} u_{n,k}ᵀ J_n``). Parameters outside every
+block (see :mod:`curvax.kron.capture`) get the diagonal of the latter,
+``Σ_k (Jᵀ (r_k ⊙ u_k))²``, whose expectation is ``diag(Σ_n J_nᵀ H_n J_n)``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvax._sharding import explicit_spec
+from curvax.kron import full_blocks as full_lib
 from curvax.kron.capture import Capture
 
 Array = jax.Array
@@ -54,10 +59,12 @@ class Estimate(NamedTuple):
       (``(out_dim, out_dim)``).
     diag: per leaf of ``capture.fallback``, a diagonal curvature estimate (leaf-shaped),
       or ``None`` where the estimator provides none.
+    full: per block of ``capture.full_blocks``, its ``(dim, dim)`` curvature matrix.
   """
   q: tuple
   g: tuple
   diag: Optional[tuple]
+  full: tuple = ()
 
 
 _GRAM_PANEL = 250  # columns per panel of a blocked Gram product
@@ -117,14 +124,18 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
     shared axis before the output (e.g. mean pooling), and ``R`` times fewer rows.
 
   (The ``1/B`` of the paper's ``Q̃`` sits in ``H_L`` here: curvax losses average over the
-  batch.) Embedding rows are one-hot and always expanded (a diagonal ``Q̃``). With
-  ``key`` and fallback leaves, every column is multiplied by a random sign per example
-  first (this leaves ``𝒢̃`` unchanged when rows do not mix examples) so that the squared
-  parameter cotangents estimate the fallback leaves' GGN diagonal without cross-example
-  terms.
+  batch.) Embedding rows are one-hot and always expanded (a diagonal ``Q̃``). The full
+  blocks of normalisation layers use exact per-example gradients, summed over positions
+  whatever ``weight_sharing`` says (:mod:`curvax.kron.full_blocks`). With ``key`` and
+  fallback leaves or vector blocks, every column is multiplied by a random sign per
+  example first (this leaves ``𝒢̃`` and the norm blocks unchanged when rows do not mix
+  examples) so that the parameter cotangents' outer products (squares, for the fallback
+  diagonal) estimate their GGN blocks without cross-example terms; without ``key`` they
+  include those terms (exact for one example only).
   """
   want_diag = fallback_diagonal and bool(capture.fallback)
-  if want_diag and key is not None:
+  mixed = any(block.kind == "vector" for block in capture.full_blocks)
+  if (want_diag or mixed) and key is not None:
     batch = capture.batch_size
     signs = jax.random.rademacher(key, (columns.shape[0], batch), columns.dtype)
     columns = columns * signs.reshape(signs.shape + (1,) * (columns.ndim - 2))
@@ -135,13 +146,20 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
                                  weight_sharing=weight_sharing)
     c = c.reshape(-1, block.out_dim)
     g.append(row_gram(c))
+  leaves = jax.tree.leaves(param_ct)
+  full = []
+  for block in capture.full_blocks:
+    if block.kind == "norm":
+      rows = full_lib.norm_gradients(block, capture.inputs, sensitivities, batch_dims=1)
+    else:
+      rows = full_lib.vector_rows(block, leaves, batch_dims=1)
+    full.append(row_gram(rows.reshape(-1, block.dim)))
   diag = None
   if want_diag:
-    leaves = jax.tree.leaves(param_ct)
     diag = tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in capture.fallback)
   # Each device's columns carry its own 1/√B: averaging gives the global-batch factors.
-  g, diag = capture.lin.batch_mean((tuple(g), diag))
-  return Estimate(input_factors(capture, weight_sharing), g, diag)
+  g, diag, full = capture.lin.batch_mean((tuple(g), diag, tuple(full)))
+  return Estimate(input_factors(capture, weight_sharing), g, diag, full)
 
 
 def kflr(capture: Capture, key: Optional[Array] = None, *,
@@ -232,12 +250,16 @@ def check_chain(capture: Capture, activations: Sequence[Activation],
         f"the network output; {why}. Use curvax.kflr or curvax.kfac for other models.")
 
   calls = capture.calls
-  if any(c.kind != "dense" for c in calls):
-    fail("this model has convolutions")
+  described = {"conv": "a convolution", "embed": "an embedding",
+               "norm": "a normalisation layer (LayerNorm / RMSNorm)"}
+  for c in calls:
+    if c.kind != "dense":
+      fail(f"{c.name} is {described.get(c.kind, c.kind)}")
   if len(capture.blocks) != len(calls):
     fail("a layer is called more than once or could not be factored")
-  if capture.fallback:
-    fail("parameters " + ", ".join(capture.leaf_names[i] for i in capture.fallback)
+  loose = sorted(set(capture.fallback) | {i for b in capture.full_blocks for i in b.leaves})
+  if loose:
+    fail("parameters " + ", ".join(capture.leaf_names[i] for i in loose)
          + " belong to no Dense layer")
   for i, call in enumerate(calls):
     if len(call.input_shape) != 2:

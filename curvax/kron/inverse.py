@@ -143,12 +143,12 @@ def damped_inverses(q: Array, g: Array, damping: Array, *, q_dim: int,
   diagonal ``Q̃`` (a vector: an embedding's) gets a vector inverse."""
   q_damping, g_damping = factored_damping(q, g, damping, q_dim=q_dim, g_dim=g_dim)
   q_inverse = (1 / (q + jnp.asarray(q_damping, q.dtype)) if q.ndim == 1
-               else spd_inverse(_add_to_diagonal(q, q_damping)))
+               else spd_inverse(add_to_diagonal(q, q_damping)))
   return (q_inverse,
-          spd_inverse(_add_to_diagonal(g, g_damping)))
+          spd_inverse(add_to_diagonal(g, g_damping)))
 
 
-def _add_to_diagonal(matrix: Array, value: Array) -> Array:
+def add_to_diagonal(matrix: Array, value: Array) -> Array:
   """``M + value·I`` in ``M``'s dtype."""
   return matrix + jnp.asarray(value, matrix.dtype) * jnp.eye(matrix.shape[0],
                                                              dtype=matrix.dtype)
@@ -161,8 +161,8 @@ def damped_kron_inverse(q: Array, g: Array, v: Array, q_damping: Array,
   In vectorised form: ``((Q + q_damping I) ⊗ (𝒢 + g_damping I))⁻¹ vec(V)`` with
   row-major ``vec``.
   """
-  return (spd_inverse(_add_to_diagonal(q, q_damping)) @ v
-          @ spd_inverse(_add_to_diagonal(g, g_damping)))
+  return (spd_inverse(add_to_diagonal(q, q_damping)) @ v
+          @ spd_inverse(add_to_diagonal(g, g_damping)))
 
 
 def factored_inverse(q: Array, g: Array, v: Array, damping: Array, *, q_dim: int,

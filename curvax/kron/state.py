@@ -10,6 +10,12 @@ jitted once. Slots are per parameter leaf, in ``jax.tree.leaves`` order:
   :func:`curvax.kron.capture.slot_for` (an embedding table reserves a diagonal ``Q̃``,
   stored as a vector; an attention query/key/value kernel splits after its first axis),
   plus their damped inverses;
+* a leaf with at most one axis (a LayerNorm scale, a bias) reserves a full
+  ``dim × dim`` block and its damped inverse, where ``dim`` is its size, or twice it
+  for a ``scale`` with a same-shape ``bias`` beside it (their joint block, stored at the
+  scale); a ``bias`` beside a ``kernel`` with slots reserves nothing (it is part of the
+  kernel's block): :func:`curvax.kron.full_blocks.vector_groups`. Blocks larger than
+  ``max_factor_dim`` are not reserved;
 * every leaf reserves a diagonal of its own shape for the fallback block.
 
 At each step the captured blocks fill their kernel's slots (a layer without bias leaves
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 
 from curvax import nonfinite
 from curvax.kron import inverse as inverse_lib
+from curvax.kron import full_blocks as full_lib
 from curvax.kron.capture import Capture, Slot, leaf_slots
 from curvax.kron.factors import Estimate
 
@@ -39,17 +46,21 @@ class Factors(NamedTuple):
   Attributes:
     q, g: ``Q̃`` and ``𝒢̃`` slots (``None`` for leaves that cannot be kernels).
     diag: the fallback diagonal of every leaf.
+    full: full ``(dim, dim)`` blocks of normalisation layers and vector leaves, at the
+      leaf that owns them (``None`` elsewhere).
   """
   q: tuple
   g: tuple
   diag: tuple
+  full: tuple
 
 
 class Inverse(NamedTuple):
   """The damped inverses ``(Q̃ + ω√k I)⁻¹`` and ``(𝒢̃ + ω⁻¹√k I)⁻¹`` the
-  preconditioner applies, per leaf (eq. 36)."""
+  preconditioner applies, per leaf (eq. 36), and ``(F + kI)⁻¹`` of the full blocks."""
   q: tuple
   g: tuple
+  full: tuple
 
 
 def _dtype(leaf):
@@ -63,10 +74,14 @@ def _dtype(leaf):
 def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Factors,
                                                                             Inverse]:
   """Zero factors and identity inverses for every slot."""
-  q, g, diag, q_inv, g_inv = [], [], [], [], []
-  for leaf, slot in zip(jax.tree.leaves(params), leaf_slots(params, max_factor_dim)):
+  q, g, diag, q_inv, g_inv, full, full_inv = [], [], [], [], [], [], []
+  kernel_slots = leaf_slots(params, max_factor_dim)
+  full_dims = full_lib.reserved_dims(params, kernel_slots, max_factor_dim)
+  for leaf, slot, dim in zip(jax.tree.leaves(params), kernel_slots, full_dims):
     dtype = _dtype(leaf)
     diag.append(jnp.zeros(jnp.shape(leaf), dtype))
+    full.append(None if dim is None else jnp.zeros((dim, dim), dtype))
+    full_inv.append(None if dim is None else jnp.eye(dim, dtype=dtype))
     if slot is None:
       q.append(None), g.append(None), q_inv.append(None), g_inv.append(None)
       continue
@@ -75,8 +90,8 @@ def init(params: PyTree, *, max_factor_dim: Optional[int] = None) -> tuple[Facto
     g.append(jnp.zeros((dg, dg), dtype))
     q_inv.append(jnp.ones((dq,), dtype) if slot.diagonal else jnp.eye(dq, dtype=dtype))
     g_inv.append(jnp.eye(dg, dtype=dtype))
-  return (Factors(tuple(q), tuple(g), tuple(diag)),
-          Inverse(tuple(q_inv), tuple(g_inv)))
+  return (Factors(tuple(q), tuple(g), tuple(diag), tuple(full)),
+          Inverse(tuple(q_inv), tuple(g_inv), tuple(full_inv)))
 
 
 def _pad_to(matrix: Array, size: int) -> Array:
@@ -94,7 +109,8 @@ def estimate_finite(estimate: Estimate) -> Array:
   rows that formed it (``inf·0``, ``inf − inf``) reaches the diagonal: reading the
   diagonals (``n`` entries) replaces a pass over the ``n²``.
   """
-  diagonals = [f if f.ndim == 1 else jnp.diagonal(f) for f in (*estimate.q, *estimate.g)]
+  diagonals = [f if f.ndim == 1 else jnp.diagonal(f)
+               for f in (*estimate.q, *estimate.g, *estimate.full)]
   return nonfinite.all_finite(diagonals, estimate.diag)
 
 
@@ -113,27 +129,34 @@ def update(factors: Factors, estimate: Estimate, capture: Capture, *, decay: flo
     return jnp.where(accept, new, old).astype(old.dtype)
 
   q, g, diag = list(factors.q), list(factors.g), list(factors.diag)
+  full = list(factors.full)
   for block, q_hat, g_hat in zip(capture.blocks, estimate.q, estimate.g):
     i = block.kernel
     q[i] = mix(q[i], _pad_to(q_hat, q[i].shape[0]))
     g[i] = mix(g[i], g_hat)
+  for block, f_hat in zip(capture.full_blocks, estimate.full):
+    full[block.owner] = mix(full[block.owner], f_hat)
   if estimate.diag is not None:
     for i, d_hat in zip(capture.fallback, estimate.diag):
       diag[i] = mix(diag[i], d_hat)
-  return Factors(tuple(q), tuple(g), tuple(diag))
+  return Factors(tuple(q), tuple(g), tuple(diag), tuple(full))
 
 
 def invert(factors: Factors, previous: Inverse, capture: Capture,
            damping: Array) -> Inverse:
   """Fresh damped inverses of the captured blocks' factors for ``k = damping``
-  (eq. 36–38; other slots keep ``previous``)."""
-  q, g = list(previous.q), list(previous.g)
+  (eq. 36–38) and ``(F + kI)⁻¹`` of the full blocks (other slots keep ``previous``)."""
+  q, g, full = list(previous.q), list(previous.g), list(previous.full)
   for block in capture.blocks:
     i = block.kernel
     k = damping.astype(factors.q[i].dtype)
     q[i], g[i] = inverse_lib.damped_inverses(factors.q[i], factors.g[i], k,
                                              q_dim=block.q_dim, g_dim=block.out_dim)
-  return Inverse(tuple(q), tuple(g))
+  for block in capture.full_blocks:
+    matrix = factors.full[block.owner]
+    full[block.owner] = inverse_lib.spd_inverse(
+        inverse_lib.add_to_diagonal(matrix, damping.astype(matrix.dtype)))
+  return Inverse(tuple(q), tuple(g), tuple(full))
 
 
 def _block_matrix(leaves, block, q_size):
@@ -150,7 +173,8 @@ def _block_matrix(leaves, block, q_size):
 def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inverse,
                  damping: Array, *, fallback: str = "diagonal") -> PyTree:
   """``δ̃ = C̃⁻¹ ∇f`` (eq. 33–36): per block ``(Q̃ + ω√k I)⁻¹ V (𝒢̃ + ω⁻¹√k I)⁻¹`` with the
-  stored inverses (made by :func:`invert` for ``k = damping`` = γ + η); per fallback
+  stored inverses (made by :func:`invert` for ``k = damping`` = γ + η); per full block
+  ``(F + kI)⁻¹ g`` on its leaves' gradients flattened and concatenated; per fallback
   leaf ``g / (d + k)`` with ``d`` the diagonal estimate (``fallback="diagonal"``) or
   ``d = 1`` (``"identity"``)."""
   leaves, treedef = jax.tree.flatten(grad)
@@ -166,6 +190,15 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
     if block.bias is not None:
       bias_leaf = leaves[block.bias]
       out[block.bias] = x[block.in_dim].reshape(bias_leaf.shape).astype(bias_leaf.dtype)
+  for block in capture.full_blocks:
+    full_inv = inverse.full[block.owner]
+    v = jnp.concatenate([leaves[j].reshape(-1).astype(full_inv.dtype)
+                         for j in block.leaves])
+    x, start = full_inv @ v, 0
+    for j in block.leaves:
+      size = leaves[j].size
+      out[j] = x[start:start + size].reshape(leaves[j].shape).astype(leaves[j].dtype)
+      start += size
   for i in capture.fallback:
     curvature = factors.diag[i] if fallback == "diagonal" else 1.0
     out[i] = (leaves[i] / (curvature + damping)).astype(leaves[i].dtype)
@@ -177,3 +210,9 @@ def slots(factors: Factors) -> tuple:
   ``None`` (for :func:`curvax.kron.capture`'s ``slots``)."""
   return tuple(None if q is None else Slot(q.shape[0], g.shape[0], q.ndim == 1)
                for q, g in zip(factors.q, factors.g))
+
+
+def full_slots(factors: Factors) -> tuple:
+  """Per parameter leaf, the size of the full block the state reserves at it, or
+  ``None`` (for :func:`curvax.kron.capture`'s ``full_slots``)."""
+  return tuple(None if f is None else f.shape[0] for f in factors.full)
