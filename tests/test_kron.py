@@ -431,19 +431,19 @@ class _WithLayerNorm(nn.Module):
 
 
 def test_unfactored_parameters_warn_and_get_their_ggn_diagonal():
-  """With one example, Σ_k (Jᵀ r_k C_k)² is exactly the GGN diagonal."""
+  """With one example, Σ_k (Jᵀ r_k C_k)² is exactly the GGN diagonal: an untagged
+  kernel falls back to it, named in the warning (its bias, a vector, gets a full
+  block: tests/test_kron_norms.py)."""
   with jax.enable_x64(True):
-    model = _WithLayerNorm()
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, 3), jnp.float64)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(jax.random.PRNGKey(1), x))
+    predict, params, _ = _tagged_mlp(1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4), jnp.float64)
+    predict = lambda p: jax.nn.sigmoid(kron.dense(x, p["w1"])) @ p["w2"] + p["b2"]
     targets = jnp.array([2])
-    predict = lambda p: model.apply(p, x)
-    with pytest.warns(UserWarning, match="LayerNorm"):
+    with pytest.warns(UserWarning, match=r"block \(a diagonal.*\n  \['w2'\]$") as caught:
       estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
                                  lambda cap: kron.kflr_factors(cap, jax.random.PRNGKey(0)))
-    names = [info["names"][i] for i in info["fallback"]]
-    assert len(names) == 2 and all("LayerNorm" in n for n in names)
+    assert len(caught) == 1 and "b2" not in str(caught[0].message)
+    assert [info["names"][i] for i in info["fallback"]] == ["['w2']"]
     ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
     offsets = _offsets(params)
     for i, diag in zip(info["fallback"], estimate.diag):
@@ -489,10 +489,14 @@ def _kfra(model, x, targets, loss, activations, traced_batch=False):
 def test_kfra_refuses_models_that_are_not_chains():
   images, x = jnp.ones((2, 5, 5, 2)), jnp.ones((2, 3))
   labels = jnp.array([0, 1])
-  with pytest.raises(ValueError, match="convolutions"):
+  with pytest.raises(ValueError, match="Conv_0 is a convolution"):
     _kfra(_TinyCNN(), images, labels, "softmax_cross_entropy", jnp.tanh)
-  with pytest.warns(UserWarning), pytest.raises(ValueError, match="belong to no Dense"):
+  with pytest.raises(ValueError, match="LayerNorm_0 is a normalisation layer"):
     _kfra(_WithLayerNorm(), x, labels, "softmax_cross_entropy", jnp.tanh)
+  lone_bias = lambda p: kron.dense(x, p["w"]) + p["b"]  # b: a full block, not a layer
+  with pytest.raises(ValueError, match=r"parameters \['b'\] belong to no Dense"):
+    kron.kfra_factors(kron.capture(lone_bias, {"w": jnp.ones((3, 2)), "b": jnp.ones(2)},
+                                   loss="squared_error", targets=jnp.zeros((2, 2))), None)
   mlp = models.MLP(features=(4, 3))
   with pytest.raises(ValueError, match="activations has 2 entries"):
     _kfra(mlp, x, labels, "softmax_cross_entropy", [jnp.tanh, jnp.tanh])
