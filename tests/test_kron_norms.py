@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import kron
@@ -49,6 +50,22 @@ def _loss_fn(outputs, targets):
   return POSITIONS * ref.cross_entropy(outputs, targets)
 
 
+def _dense_ggn_and_grad(predict, params, targets):
+  """``Jᵀ H_L J`` and ``∇f`` on ravel_pytree-flattened parameters."""
+  w, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def matrices(w):
+    outputs = predict(unravel(w))
+    jacobian = jax.jacobian(lambda v: predict(unravel(v)).reshape(-1))(w)
+    hessian = jax.hessian(lambda o: _loss_fn(o.reshape(outputs.shape), targets))(
+        outputs.reshape(-1))
+    return jacobian.T @ hessian @ jacobian, jacobian.T @ jax.grad(
+        lambda o: _loss_fn(o.reshape(outputs.shape), targets))(outputs.reshape(-1))
+
+  return tuple(np.asarray(m) for m in matrices(w))
+
+
 def _flat_index(params, leaves):
   """ravel_pytree indices of these leaves, in this order."""
   sizes = [leaf.size for leaf in jax.tree.leaves(params)]
@@ -70,7 +87,7 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
   """
   with jax.enable_x64(True):
     predict, params, targets = _problem()
-    dense = ref.dense(predict, params, targets, _loss_fn)
+    ggn_all, grad = _dense_ggn_and_grad(predict, params, targets)
     info = {}
 
     def run(p):
@@ -106,7 +123,7 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
     direction = ref.flat(direction)
     for block, f_exact, f_mixed, f_kfac in zip(blocks, exact, mixed, expected_kfac):
       index = _flat_index(params, block.leaves)
-      ggn = dense.ggn[np.ix_(index, index)]
+      ggn = ggn_all[np.ix_(index, index)]
       np.testing.assert_allclose(f_kfac, ggn, rtol=1e-9, atol=1e-12)
       mean = np.mean(f_mixed, axis=0)
       error = np.std(f_mixed, axis=0) / np.sqrt(len(f_mixed))
@@ -115,7 +132,7 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
         np.testing.assert_allclose(f_exact, ggn, rtol=1e-9, atol=1e-12)
       else:  # without signs: biased by the cross-example terms
         assert np.abs(f_exact - ggn).max() > 0.1 * np.abs(ggn).max()
-      solved = np.linalg.solve(f_exact + DAMPING * np.eye(block.dim), dense.grad[index])
+      solved = np.linalg.solve(f_exact + DAMPING * np.eye(block.dim), grad[index])
       np.testing.assert_allclose(direction[index], solved, rtol=1e-9, atol=1e-12)
 
 
@@ -141,14 +158,14 @@ def test_block_layout_reserved_from_names_and_shapes():
   np.testing.assert_array_equal(inverse.full[names.index("['shift']")], np.eye(4))
 
 
-@pytest.mark.parametrize("name", ["kfac", "kflr"])
-def test_training_warns_only_about_what_falls_back(name):
-  """No fallback warning when every leaf has a block; with max_factor_dim=5 the warning
-  lists exactly the leaves left to the diagonal (the first Dense kernel, 6 × 4 factors;
-  the LayerNorm's 8 × 8 block), not the first Dense's bias (now a vector block)."""
+def test_kfac_trains_without_fallback_and_the_warning_lists_only_what_falls_back():
+  """KFAC trains the model with no fallback warning (every leaf has a block; the
+  transformer of tests/test_transformer.py checks KFLR too); with max_factor_dim=5 the
+  warning of KFAC and KFLR lists exactly the leaves left to the diagonal (the first
+  Dense kernel, 6 × 4 factors; the LayerNorm's 8 × 8 block), not the first Dense's bias
+  (then a vector block)."""
   predict, params, targets = _problem(jnp.float32)
-  solver = getattr(curvax, name)
-  tx = solver(LOSS, gamma_period=0)
+  tx = curvax.kfac(LOSS, gamma_period=0, tau_period=0)
   state = tx.init(params)
 
   @jax.jit
@@ -165,13 +182,16 @@ def test_training_warns_only_about_what_falls_back(name):
   assert not [w for w in caught if "fallback" in str(w.message)]
   assert loss(params) < 0.7 * first, (first, loss(params))
 
-  small = solver(LOSS, gamma_period=0, max_factor_dim=5)
-  with pytest.warns(UserWarning, match="fallback curvature block") as caught:
-    jax.eval_shape(lambda p, s: small.update(None, s, p, predict_fn=predict,
-                                             targets=targets),
-                   params, small.init(params))
-  message = str(caught[0].message)
-  listed = message.split("\n")[1]
-  assert listed == ("  ['params']['Dense_0']['kernel'], ['params']['LayerNorm_0']['bias'], "
-                    "['params']['LayerNorm_0']['scale']"), message
-  assert "LayerNorm_0: its 8 × 8 curvature block exceeds max_factor_dim" in message
+  for solver in (curvax.kfac, curvax.kflr):
+    small = solver(LOSS, max_factor_dim=5)
+    with pytest.warns(UserWarning, match="fallback curvature block") as caught:
+      jax.eval_shape(lambda p, s: small.update(None, s, p, predict_fn=predict,
+                                               targets=targets),
+                     params, small.init(params))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    listed = message.split("\n")[1]
+    assert listed == ("  ['params']['Dense_0']['kernel'], "
+                      "['params']['LayerNorm_0']['bias'], "
+                      "['params']['LayerNorm_0']['scale']"), message
+    assert "LayerNorm_0: its 8 × 8 curvature block exceeds max_factor_dim" in message

@@ -156,8 +156,10 @@ class Kind:
   shared_rows: bool = True
 
 
-# The layer kinds: adding one means an entry here, its rows in ``Capture._rows`` (or its
-# diagonal in ``Capture.input_factor``) and its interception in ``_Recorder._intercept``.
+# The Kronecker layer kinds: adding one means an entry here, its rows in
+# ``Capture._rows`` (or its diagonal in ``Capture.input_factor``) and its interception in
+# ``_Recorder._intercept``. Normalisation layers (calls of kind "norm") get full blocks
+# instead (curvax.kron.full_blocks).
 KINDS = {
     "dense": Kind(),  # nn.Dense, nn.DenseGeneral (attention projections), kron.dense
     "conv": Kind(),  # nn.Conv (KFC: patches as rows)
@@ -247,7 +249,7 @@ class _Recorder:
     ``scale`` or ``bias`` may be ``None``) and returns its (perturbed) output."""
     s, b = self._leaf_index(scale), self._leaf_index(bias)
     if (scale is not None and s is None) or (bias is not None and b is None):
-      self.skipped.append((name, _NOT_A_LEAF))
+      self.skipped.append((name, _NOT_A_LEAF.replace("kernel or bias", "scale or offset")))
       return out
     features = jnp.shape(out)[-1]
     if any(p is not None and jnp.shape(p) != (features,) for p in (scale, bias)):
@@ -309,7 +311,6 @@ class _Recorder:
         self.skipped.append((name, reason))
         return out
     return self.record(kind, name, x, out, kernel, bias, conv, out_axes)
-
 
   def _intercept_norm(self, module, name, args, kwargs, out):
     """A LayerNorm / RMSNorm: ``x̂`` from the same module without scale and offset (the

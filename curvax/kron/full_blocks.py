@@ -54,9 +54,6 @@ import jax.numpy as jnp
 Array = jax.Array
 PyTree = Any
 
-KINDS = ("norm", "vector")
-
-
 @dataclasses.dataclass(frozen=True)
 class FullBlock:
   """A full curvature block over a few small parameter leaves.
