@@ -24,13 +24,16 @@ DAMPING = 0.1
 
 
 class _NormNet(nn.Module):
-  """Dense → LayerNorm → tanh → RMSNorm → + a standalone bias → Dense, per position."""
+  """Per position: Dense → LayerNorm → tanh → the same LayerNorm again → RMSNorm → + a
+  standalone bias → an offset-only LayerNorm → Dense."""
 
   @nn.compact
   def __call__(self, x):
-    h = jnp.tanh(nn.LayerNorm()(nn.Dense(4)(x)))
+    norm = nn.LayerNorm()
+    h = norm(jnp.tanh(norm(nn.Dense(4)(x))))
     shift = self.param("shift", nn.initializers.normal(1.0), (4,))
-    return nn.Dense(CLASSES)(nn.RMSNorm()(h) + shift)
+    h = nn.LayerNorm(use_scale=False)(nn.RMSNorm()(h) + shift)
+    return nn.Dense(CLASSES)(h)
 
 
 def _problem(dtype=jnp.float64):
@@ -77,7 +80,8 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
   """GGN restricted to the scale/offset (or bias) parameters, Σ_n J_nᵀ H_n J_n:
 
   * KFLR's norm blocks equal it exactly (per-example gradients from x̂ and the
-    sensitivities), for a batch of 2 sequences of 2 positions;
+    sensitivities, summed over a layer's two calls; an offset-only layer), for a batch
+    of 2 sequences of 2 positions;
   * KFLR's vector block (sign-mixed cotangents) equals it in expectation over the signs:
     the mean over 1000 keys lies within 5 standard errors (with no signs the
     cross-example terms make it biased);
@@ -117,9 +121,9 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
     exact, mixed, expected_kfac, direction = jax.jit(run)(params)
     blocks = info["blocks"]
     assert not info["fallback"]
-    assert [(b.kind, b.name, b.dim) for b in blocks] == [
-        ("norm", "LayerNorm_0", 8), ("norm", "RMSNorm_0", 4),
-        ("vector", "['params']['shift']", 4)]
+    assert [(b.kind, b.name, b.dim, len(b.calls)) for b in blocks] == [
+        ("norm", "LayerNorm_0", 8, 2), ("norm", "RMSNorm_0", 4, 1),
+        ("norm", "LayerNorm_1", 4, 1), ("vector", "['params']['shift']", 4, 0)]
     direction = ref.flat(direction)
     for block, f_exact, f_mixed, f_kfac in zip(blocks, exact, mixed, expected_kfac):
       index = _flat_index(params, block.leaves)
