@@ -8,7 +8,7 @@ MNIST_PIN := curvax/problems/mnist-wheel.txt
 KFAC_JAX_VENV := .venv-kfac-jax
 BENCH_ARGS ?=
 
-.PHONY: demo test data clean bench-kfac-jax
+.PHONY: demo test data clean bench-kfac-jax bench-compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ $(KFAC_JAX_VENV)/.installed: benchmarks/requirements-kfac-jax.txt pyproject.toml
 # curvax.kfac vs kfac_jax.Optimizer, one process (e.g. BENCH_ARGS="--cycles 2 --steps 20").
 bench-kfac-jax: $(KFAC_JAX_VENV)/.installed $(DATA)/.fetched
 	$(KFAC_JAX_VENV)/bin/python -m benchmarks.kfac_vs_kfac_jax $(BENCH_ARGS)
+
+# Compile time of one step of every curvax solver, Adam and kfac-jax (benchmarks/compile_time.py).
+bench-compile: $(KFAC_JAX_VENV)/.installed
+	$(KFAC_JAX_VENV)/bin/python -m benchmarks.compile_time $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DATA) $(KFAC_JAX_VENV)

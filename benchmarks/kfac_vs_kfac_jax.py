@@ -158,18 +158,23 @@ def curvax_runner(name, model, tx, params0, batches):
   return Runner(name, init, lambda p, s, x, i: step(p, s, x), batches)
 
 
-def kfac_jax_runner(name, model, loss, params0, batches, *, initial_damping, seed=0):
+def kfac_jax_optimizer(model, loss, *, initial_damping):
+  """``kfac_jax.Optimizer`` configured as in the module docstring, on the autoencoder."""
   def objective(params, x):
     logits = model.apply(params, x)
     kfac_jax.register_sigmoid_cross_entropy_loss(logits, x)
     return loss.value(logits, x)
 
-  optimizer = kfac_jax.Optimizer(
+  return kfac_jax.Optimizer(
       value_and_grad_func=jax.value_and_grad(objective), l2_reg=0.0,
       use_adaptive_learning_rate=True, use_adaptive_momentum=True,
       use_adaptive_damping=True, initial_damping=initial_damping,
       inverse_update_period=INVERSE_PERIOD, damping_adaptation_interval=INVERSE_PERIOD,
       estimation_mode="fisher_gradients", num_burnin_steps=0, multi_device=False)
+
+
+def kfac_jax_runner(name, model, loss, params0, batches, *, initial_damping, seed=0):
+  optimizer = kfac_jax_optimizer(model, loss, initial_damping=initial_damping)
   key = jax.random.PRNGKey(seed)
 
   def init(params):
