@@ -276,38 +276,46 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       return step, image, coefficients[0], mu, value
 
     gamma_now = state.gamma.astype(dtype)
-
-    def keep_gamma():
-      """The current γ; inverses refreshed every ``inverse_period`` steps."""
-      refresh = _due(state.count, inverse_period)
-      inverse = (jax.lax.cond(refresh, lambda: invert(gamma_now), lambda: state.inverse)
-                 if refresh is not False else state.inverse)
-      return (*candidate(gamma_now, inverse), gamma_now, inverse)
-
-    def choose_gamma():
-      """App. C.3.2: the γ among {ω_γγ, γ, γ/ω_γ} whose δ* minimises f̂."""
-      gammas = damping_lib.gamma_candidates(gamma_now, jnp.asarray(gamma_factor, dtype),
-                                            min_gamma=low_now, max_gamma=high_now)
-
-      def one(gamma_value):
-        inverse = invert(gamma_value)
-        return (*candidate(gamma_value, inverse), inverse)
-
-      # A Python loop, not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.
-      results = [one(g) for g in gammas]
-      best = damping_lib.best_candidate(jnp.stack([r[4] for r in results]))
-      # A switch copies the chosen candidate only (stacking would copy all three sets
-      # of inverses and steps first).
-      step, image, alpha, mu, value, inverse = jax.lax.switch(
-          best, [lambda r=r: r for r in results])
-      return step, image, alpha, mu, value, gammas[best], inverse
-
+    refresh = _due(state.count, inverse_period)
     due = _due(state.count, gamma_period)  # with the inverse refreshes (see above)
+
+    def evaluate(gamma_value, fresh):
+      """``candidate`` for one γ with inverses made for it (``fresh``) or the stored."""
+      if fresh is False:
+        inverse = state.inverse
+      elif fresh is True:
+        inverse = invert(gamma_value)
+      else:
+        inverse = jax.lax.cond(fresh, lambda: invert(gamma_value), lambda: state.inverse)
+      return (*candidate(gamma_value, inverse), gamma_value, inverse)
+
     if due is False:
-      step, image, alpha, mu, value, new_gamma, inverse = keep_gamma()
+      step, image, alpha, mu, value, new_gamma, inverse = evaluate(gamma_now, refresh)
     else:
-      step, image, alpha, mu, value, new_gamma, inverse = jax.lax.cond(
-          due, choose_gamma, keep_gamma)
+      # γ-rule steps (App. C.3.2): the γ among {ω_γγ, γ, γ/ω_γ} whose δ* minimises f̂,
+      # each with fresh inverses; other steps: the current γ alone, its inverses
+      # refreshed every ``inverse_period`` steps. One loop over the candidates (not a
+      # Python loop, nor a cond between the rule and the plain step) puts ONE inverse set
+      # and one candidate in the program instead of four: a quarter of the code for XLA
+      # to compile. (Not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.)
+      gammas = jnp.where(due, damping_lib.gamma_candidates(
+          gamma_now, jnp.asarray(gamma_factor, dtype), min_gamma=low_now,
+          max_gamma=high_now), gamma_now)
+      fresh = due | refresh
+      first = jnp.where(due, 0, 1)
+
+      def better(i, best):
+        result = evaluate(gammas[i], fresh)
+        # damping_lib.best_candidate's choice, one candidate at a time: the lowest
+        # finite model value, the first on ties, the first if none is finite.
+        value = jnp.where(jnp.isfinite(result[4]), result[4], jnp.inf)
+        take = (i == first) | (value < best[0])
+        return optax.tree.where(take, (value, result), best)
+
+      shapes = jax.eval_shape(lambda: evaluate(gamma_now, fresh))
+      start = (jnp.asarray(jnp.inf, shapes[4].dtype), optax.tree.zeros_like(shapes))
+      _, (step, image, alpha, mu, value, new_gamma, inverse) = jax.lax.fori_loop(
+          first, jnp.where(due, 3, 2), better, start)
 
     rate = at_count(learning_rate)
     # The step in the parameters' dtypes (the coefficients are float32 or wider).
