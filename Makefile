@@ -40,8 +40,10 @@ bench-kfac-jax: $(KFAC_JAX_VENV)/.installed $(DATA)/.fetched
 	$(KFAC_JAX_VENV)/bin/python -m benchmarks.kfac_vs_kfac_jax $(BENCH_ARGS)
 
 # Compile time of one step of every curvax solver, Adam and kfac-jax (benchmarks/compile_time.py).
-bench-compile: $(KFAC_JAX_VENV)/.installed
-	$(KFAC_JAX_VENV)/bin/python -m benchmarks.compile_time $(BENCH_ARGS)
+# Every curvax solver and Adam here; KFAC, Adam and kfac-jax in its env (same jax), appended.
+bench-compile: $(VENV)/.installed $(KFAC_JAX_VENV)/.installed
+	$(PY) -m benchmarks.compile_time $(BENCH_ARGS)
+	$(KFAC_JAX_VENV)/bin/python -m benchmarks.compile_time --append --only kfac,adam,kfac_jax $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DATA) $(KFAC_JAX_VENV)

@@ -27,9 +27,12 @@ the damping is adapted at that step (every 5th), so a run compiles two programs:
 ``kfac_jax (damping step)`` is the second; curvax compiles one program per solver (its
 periodic work is inside ``lax.cond``).
 
-The curvax rows need no kfac-jax; the kfac-jax rows run only where it is installed (the
-``make bench-kfac-jax`` environment, jax 0.9.0, where curvax runs too: one process).
-Writes ``benchmarks/results/compile_time.json`` and prints a markdown table.
+The kfac-jax rows run only where it is installed (``.venv-kfac-jax``, jax 0.9.0, where
+curvax's KFRA does not run); ``make bench-compile`` therefore measures every curvax solver
+and Adam in the main environment, then KFAC, Adam and kfac-jax in the kfac-jax one (same
+jax for the KFAC/kfac-jax ratio), ``--append``-ing that run. A candidate that fails
+records its error. Writes ``benchmarks/results/compile_time.json`` (one entry per
+environment) and prints a markdown table per environment.
 """
 
 from __future__ import annotations
@@ -128,6 +131,13 @@ def _count_ops(text: str) -> int:
 
 def measure(build, repeats: int) -> dict:
   """Median seconds of each stage over ``repeats`` fresh builds, and the op counts."""
+  try:
+    return _measure(build, repeats)
+  except Exception as error:  # noqa: BLE001  (e.g. a solver unsupported by this jax)
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+
+
+def _measure(build, repeats: int) -> dict:
   samples = {"setup": [], "trace": [], "lower": [], "compile": [], "total": []}
   for _ in range(repeats):
     jax.clear_caches()
@@ -167,6 +177,9 @@ def markdown(rows: dict) -> str:
   lines = ["| optimiser | setup s | trace s | lower s | XLA compile s | total s | × Adam "
            "| × kfac-jax | StableHLO ops | HLO ops |", "|---|" + "---|" * 9]
   for name, row in rows.items():
+    if "error" in row:
+      lines.append(f"| {name} | {row['error']} |" + " |" * 8)
+      continue
     lines.append(f"| {name} | {row['setup_s']:.2f} | {row['trace_s']:.2f} | "
                  f"{row['lower_s']:.2f} | {row['compile_s']:.2f} | {row['total_s']:.2f} | "
                  f"{ratio(row['total_s'], adam)} | {ratio(row['total_s'], kfac_jax)} | "
@@ -180,6 +193,8 @@ def main(argv=None):
   parser.add_argument("--only", default="",
                       help="comma-separated optimisers (e.g. kfac,kfac_jax,adam)")
   parser.add_argument("--output", default=str(RESULTS / "compile_time.json"))
+  parser.add_argument("--append", action="store_true",
+                      help="add this environment's run to --output instead of replacing it")
   args = parser.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)  # every compile is a real one
   rows = {}
@@ -188,17 +203,21 @@ def main(argv=None):
     print(json.dumps({"optimiser": name, **rows[name]}), flush=True)
   summary = {}
   mine, theirs, goal = GOAL
-  if mine in rows and theirs in rows:
+  if "total_s" in rows.get(mine, {}) and "total_s" in rows.get(theirs, {}):
     ratio = rows[mine]["total_s"] / rows[theirs]["total_s"]
     summary = {f"{mine}/{theirs}": round(ratio, 2), "goal": goal, "met": ratio <= goal}
-  result = {"config": {"problem": "autoencoder 784-1000-500-250-30-250-500-1000-784",
-                       "batch": BATCH, "repeats": args.repeats, "jax": jax.__version__,
-                       "kfac_jax": getattr(kfac_vs_kfac_jax.kfac_jax, "__version__", None),
-                       "backend": jax.default_backend(), "machine": platform.processor()
-                       or platform.machine()},
-            "rows": rows, "summary": summary}
-  pathlib.Path(args.output).parent.mkdir(exist_ok=True)
-  pathlib.Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+  run = {"problem": "autoencoder 784-1000-500-250-30-250-500-1000-784", "batch": BATCH,
+         "repeats": args.repeats, "jax": jax.__version__,
+         "kfac_jax": getattr(kfac_vs_kfac_jax.kfac_jax, "__version__", None),
+         "backend": jax.default_backend(),
+         "machine": platform.processor() or platform.machine(),
+         "rows": rows, "summary": summary}
+  output = pathlib.Path(args.output)
+  runs = (json.loads(output.read_text())["runs"] if args.append and output.exists()
+          else [])
+  output.parent.mkdir(exist_ok=True)
+  output.write_text(json.dumps({"runs": runs + [run]}, indent=1) + "\n")
+  print(f"jax {run['jax']}" + (f", kfac-jax {run['kfac_jax']}" if run["kfac_jax"] else ""))
   print(markdown(rows))
   if summary:
     print(json.dumps(summary))
