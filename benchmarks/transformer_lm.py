@@ -314,8 +314,9 @@ def markdown(summary: dict, costs: dict | None = None) -> str:
   if per:
     lines += ["", f"Per update: AdamW scheduled over {per['adamw_updates']} updates (KFAC's "
               f"count) ends at {per['adamw_final_validation_loss']:.3f}; "
-              + "; ".join(f"{k} reaches it after {fmt(v['updates_to_target'])} updates "
-                          f"({fmt(v['update_ratio'])}× fewer)" for k, v in per.items()
+              + "; ".join((f"{k} does not reach it" if v["updates_to_target"] is None
+                           else f"{k} reaches it after {v['updates_to_target']} updates "
+                           f"({v['update_ratio']:g}× fewer)") for k, v in per.items()
                           if isinstance(v, dict))]
   if costs:
     lines += ["", "| KFAC step (count 1, no γ/τ rule) | ÷ AdamW step | factor share | "
