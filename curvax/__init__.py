@@ -13,7 +13,7 @@ from curvax.curveball import CurveBallState, curveball
 from curvax.cvp import Linearization, linearize, sharpness, top_eigenvalue
 from curvax.extra_args import objective, without_weak_types
 from curvax.hessian_free import HessianFreeState, hessian_free
-from curvax.kfac import KFACState, kfac, kflr, kfra
+from curvax.kfac import KRON_PAPER_SETTINGS, KFACState, kfac, kflr, kfra
 from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "without_weak_types",
     "CurveBallState", "curveball",
     "HessianFreeState", "hessian_free",
-    "KFACState", "kfac", "kflr", "kfra",
+    "KFACState", "KRON_PAPER_SETTINGS", "kfac", "kflr", "kfra",
     "PolyakState", "polyak", "averaged_params",
     "QuasiNewtonState", "sqn", "lsr1",
 ]

@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -105,6 +106,26 @@ def minimiser(model: QuadraticModel) -> Array:
   else:
     inverse = jnp.linalg.pinv(scaled, rtol=rtol, hermitian=True)
   return -scale * (inverse @ (scale * model.linear))
+
+
+def minimiser_bounded(model: QuadraticModel, index: int, low: float, high: float) -> Array:
+  """:func:`minimiser` with coefficient ``index`` constrained to ``[low, high]``.
+
+  The model is convex in the coefficients (``M`` is a damped Gram matrix), so when the
+  free minimiser puts ``x_index`` outside the interval, the constrained one has
+  ``x_index`` at the nearer bound and the other coefficients minimising the model with
+  it fixed: ``x_rest = −M_rr⁺ (b_r + M_r,index · x_index)``.
+  """
+  free = minimiser(model)
+  fixed = jnp.clip(free[index], low, high)
+  rest = np.array([i for i in range(model.linear.shape[0]) if i != index])
+  if not rest.size:
+    return fixed[None]
+  block = lambda m: m[rest[:, None], rest[None, :]]
+  sub = QuadraticModel(block(model.curvature), block(model.damped),
+                       model.linear[rest] + model.damped[rest, index] * fixed)
+  constrained = jnp.zeros_like(free).at[rest].set(minimiser(sub)).at[index].set(fixed)
+  return jnp.where(free[index] == fixed, free, constrained)
 
 
 def _small_symmetric_pinv(matrix: Array, rtol: float) -> Array:

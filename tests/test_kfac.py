@@ -322,8 +322,8 @@ def test_schedules_periodic_rules_rejected_and_skipped_steps_against_a_hand_run(
     # Schedules passed through as such (static): optax would evaluate them at its own
     # count, which also counts skipped batches.
     tx = optax.inject_hyperparams(curvax.kflr, static_args=tuple(_SCHEDULES))(
-        loss=losses.softmax_cross_entropy(), momentum=True, min_damping=1e-3,
-        max_damping=8.0, **_SCHEDULES, **periods)
+        loss=losses.softmax_cross_entropy(), momentum=True, momentum_bounds=None,
+        gamma=1e-2, min_damping=1e-3, max_damping=8.0, **_SCHEDULES, **periods)
 
     @jax.jit
     def step(params, state, x, y, poison):
@@ -549,7 +549,7 @@ def test_inject_hyperparams_with_default_arguments_matches_constants():
   with jax.enable_x64(True):
     params, _, y, predict = _problem(batch=4)
     settings = dict(learning_rate=0.5, factor_decay=0.8, tau_period=2, gamma_period=0,
-                    inverse_period=2)
+                    inverse_period=2, gamma=1e-2)
     runs = []
     for tx in (curvax.kfac(losses.softmax_cross_entropy(), **settings),
                optax.inject_hyperparams(curvax.kfac)(
@@ -573,6 +573,27 @@ def test_inject_hyperparams_with_default_arguments_matches_constants():
 
 
 @jax.enable_x64(True)
+def test_momentum_coefficient_respects_its_bounds():
+  """μ stays in ``momentum_bounds`` (a degenerate interval pins it), and ``None`` gives
+  the free 2×2 solve, which on this problem leaves [0, 1] within a few steps."""
+  params, x, y, predict = _problem()
+  mus = {}
+  for bounds in ((0.0, 1.0), (0.25, 0.25), None):
+    tx = curvax.kflr(losses.softmax_cross_entropy(), momentum_bounds=bounds,
+                     learning_rate=0.5)
+    update = jax.jit(lambda p, s, tx=tx: tx.update(None, s, p, predict_fn=predict,
+                                                   targets=y))
+    p, state, mus[bounds] = params, tx.init(params), []
+    for _ in range(6):
+      updates, state = update(p, state)
+      p = optax.apply_updates(p, updates)
+      mus[bounds].append(float(state.mu))
+  assert all(0.0 <= mu <= 1.0 for mu in mus[(0.0, 1.0)])
+  np.testing.assert_array_equal(mus[(0.25, 0.25)][1:], 0.25)
+  assert any(not 0.0 <= mu <= 1.0 for mu in mus[None])
+
+
+@jax.enable_x64(True)
 def test_bad_arguments_are_clear_errors():
   loss = losses.softmax_cross_entropy()
   params, x, y, predict = _problem()
@@ -589,7 +610,9 @@ def test_bad_arguments_are_clear_errors():
   for kwargs, match in ((dict(gamma=0.0), "gamma"), (dict(factor_decay=1.0), "factor_decay"),
                         (dict(inverse_period=0), "inverse_period"),
                         (dict(fallback="zero"), "fallback"),
-                        (dict(tau_period=-1), "tau_period")):
+                        (dict(tau_period=-1), "tau_period"),
+                        (dict(momentum_bounds=(1.0, 0.0)), "low <= high"),
+                        (dict(momentum_bounds=0.5), "momentum_bounds must be None")):
     with pytest.raises(ValueError, match=match):
       curvax.kflr(loss, **kwargs)
   for factory in (curvax.kfac, curvax.kflr, curvax.kfra):

@@ -224,3 +224,37 @@ def test_closed_form_small_pinv_equals_lapack_pinv(kind):
     np.testing.assert_allclose(quadratic._small_symmetric_pinv(m, rtol),
                                jnp.linalg.pinv(m, rtol=rtol, hermitian=True),
                                rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(-1, 6))
+def test_minimiser_bounded_is_the_constrained_optimum(seed):
+  """KKT conditions of min f̂ over μ ∈ [0, 1] (α free), and no point of a fine grid of
+  feasible μ (each with its best α) does better. Seeds 0–5 put the free μ outside
+  (below and above); seed −1 inside, at (1, ½)."""
+  rng = np.random.default_rng(seed + 1)
+  a = 2.0 * rng.standard_normal((2, 2))
+  m, b = a @ a.T + 0.1 * np.eye(2), 3.0 * rng.standard_normal(2)
+  if seed < 0:
+    m = np.array([[2.0, 0.5], [0.5, 1.0]])
+    b = -m @ np.array([1.0, 0.5])
+  with jax.enable_x64(True):
+    model = quadratic.QuadraticModel(*(jnp.asarray(v, jnp.float64) for v in (m, m, b)))
+    x = np.asarray(quadratic.minimiser_bounded(model, 1, 0.0, 1.0))
+  gradient = m @ x + b
+  assert 0.0 <= x[1] <= 1.0
+  np.testing.assert_allclose(gradient[0], 0.0, atol=1e-10)
+  if x[1] == 0.0:
+    assert gradient[1] >= -1e-10
+  elif x[1] == 1.0:
+    assert gradient[1] <= 1e-10
+  else:
+    np.testing.assert_allclose(x, -np.linalg.solve(m, b), rtol=1e-10)
+  value = lambda v: b @ v + 0.5 * v @ m @ v
+  mus = np.linspace(0.0, 1.0, 2001)
+  alphas = -(b[0] + m[0, 1] * mus) / m[0, 0]
+  assert value(x) <= min(value(np.array([al, mu])) for al, mu in zip(alphas, mus)) + 1e-12
+
+
+def test_minimiser_bounded_one_direction_is_clipped():
+  model = quadratic.QuadraticModel(jnp.eye(1), jnp.eye(1), jnp.array([-5.0]))
+  np.testing.assert_allclose(quadratic.minimiser_bounded(model, 0, 0.0, 2.0), [2.0])
