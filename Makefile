@@ -23,7 +23,7 @@ $(DATA)/.fetched: $(MNIST_PIN) $(VENV)/.installed
 data: $(DATA)/.fetched
 
 demo: $(VENV)/.installed $(DATA)/.fetched
-	$(PY) -m curvax.demo
+	OPENBLAS_NUM_THREADS=1 $(PY) -m curvax.demo
 
 test: $(VENV)/.installed $(DATA)/.fetched
 	$(PY) -m pytest tests

@@ -17,20 +17,19 @@ import json
 
 import numpy as np
 
+import curvax
 from benchmarks import time_to_loss
 
 CANDIDATES = {
     "kfac": {
         "defaults": {},
-        "inverse_period=5, momentum, γ=τ=1e-3": dict(inverse_period=5, momentum=True,
-                                                   gamma=1e-3, tau=1e-3),
-        "inverse_period=5, momentum": dict(inverse_period=5, momentum=True),
-        "inverse_period=5, γ=τ=1e-3": dict(inverse_period=5, gamma=1e-3, tau=1e-3),
-        "paper (Algorithm 1: inverses every step, momentum, γ=τ=1e-3)":
-            dict(inverse_period=1, momentum=True, gamma=1e-3, tau=1e-3),
-        "momentum": dict(momentum=True),
-        "momentum, τ=1e-3": dict(momentum=True, tau=1e-3),
-        "momentum, γ=1e-3": dict(momentum=True, gamma=1e-3),
+        "paper (Algorithm 1: inverses every step, no momentum)": dict(
+            curvax.KRON_PAPER_SETTINGS),
+        "free momentum (unbounded 2×2 solve, Martens & Grosse)": dict(momentum_bounds=None),
+        "no momentum": dict(momentum=False),
+        "inverses every step": dict(inverse_period=1),
+        "γ = 1e-2": dict(gamma=1e-2),
+        "τ = 1e-3": dict(tau=1e-3),
     },
     "curveball": {
         "defaults": {},

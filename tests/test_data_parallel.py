@@ -121,6 +121,10 @@ STEPS = 3
 # gradient's): float32 rounding differences between reduction orders grow past 1e-5
 # there on one device alike, so its comparison stops at two steps (one pair).
 NUM_STEPS = {"lsr1": 2}
+# The Kronecker solvers' default momentum solves a 2×2 system that amplifies float32
+# rounding of the reduction order to ~2e-5 relative after 3 steps (a wrong average over
+# the axis is off by O(1)).
+RTOL = {"kfac": 1e-4, "kflr": 1e-4, "kfra": 1e-4}
 
 
 def _train(tx, steps=STEPS):
@@ -145,13 +149,14 @@ def _batches():
   return params, x, y
 
 
-def _assert_close(got, expected):
+def _assert_close(got, expected, rtol=1e-5):
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     e = np.asarray(e, np.float64)
     # Absolute slack relative to the leaf's scale: a curvature factor's small
     # off-diagonal entries carry rounding from its large ones.
     scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
-    np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=rtol,
+                               atol=rtol / 10 * scale)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -159,7 +164,8 @@ def test_solver_under_shard_map_equals_the_global_batch_run(name):
   params, x, y = _batches()
   steps = NUM_STEPS.get(name, STEPS)
   expected = jax.jit(_train(SOLVERS[name](None), steps))(params, x, y)
-  _assert_close(_train_under_shard_map(SOLVERS[name](AXIS), steps, params, x, y), expected)
+  _assert_close(_train_under_shard_map(SOLVERS[name](AXIS), steps, params, x, y), expected,
+                RTOL.get(name, 1e-5))
 
 
 def _train_under_shard_map(tx, steps, params, x, y):
@@ -189,7 +195,7 @@ def test_solver_under_jit_with_a_sharded_batch_equals_the_unsharded_run(name, ax
   place = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
   with jax.set_mesh(mesh):
     got = run(place(params, P()), place(x, P(None, AXIS)), place(y, P(None, AXIS)))
-  _assert_close(got, expected)
+  _assert_close(got, expected, RTOL.get(name, 1e-5))
 
 
 def test_linearization_with_another_axis_is_refused():
