@@ -1,11 +1,13 @@
 """Evidence for the solvers' defaults: candidate settings side by side on the shipped problems.
 
     python -m benchmarks.defaults [--solvers kfac] [--problems autoencoder,mlp,cnn]
-                                  [--budget 30]
+                                  [--budget 30 | --steps 150[,150,40]]
 
 Each candidate trains for the same wall-clock budget (compilation excluded) from the same
 initialisation on the same batches as :mod:`benchmarks.time_to_loss`, and the final
-probe loss is recorded. ``"defaults"`` is the solver called with no tuning argument, so
+probe loss is recorded. ``--steps`` instead trains every candidate for the same number
+of steps (one count, or one per problem), the fair comparison on a shared machine whose
+wall-clock is unreliable; the recorded ``seconds`` then only indicate step cost. ``"defaults"`` is the solver called with no tuning argument, so
 the file shows at a glance whether a default is the best candidate measured.
 Writes ``benchmarks/results/defaults_<solver>.json``.
 """
@@ -14,11 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+
+import jax
 
 import numpy as np
 
 import curvax
 from benchmarks import time_to_loss
+from curvax.problems import suite
+
+def _inverse_count(count):
+  """Byrd et al.'s 1/k step (second_order_comparison.md §3.4), k from 1."""
+  return 1.0 / (1.0 + count)
+
+
+_QUASI_NEWTON = {
+    "defaults": {},
+    "paper without line search (fixed step, learning_rate=1)": dict(step_size="fixed"),
+    "fixed step, learning_rate=0.1": dict(step_size="fixed", learning_rate=0.1),
+    "fixed step, learning_rate=0.01": dict(step_size="fixed", learning_rate=0.01),
+    "fixed step, 1/k schedule (Byrd et al.)": dict(step_size="fixed",
+                                                   learning_rate=_inverse_count),
+}
 
 CANDIDATES = {
     "kfac": {
@@ -36,6 +56,8 @@ CANDIDATES = {
         "λ₀ = 1": dict(damping=1.0),
         "λ₀ = 0.1": dict(damping=0.1),
     },
+    "sqn": _QUASI_NEWTON,
+    "lsr1": _QUASI_NEWTON,
 }
 
 
@@ -44,23 +66,40 @@ def main(argv=None):
   parser.add_argument("--solvers", default="kfac")
   parser.add_argument("--problems", default="autoencoder,mlp,cnn")
   parser.add_argument("--budget", type=float, default=30.0)
+  parser.add_argument("--steps", default="",
+                      help="train a fixed number of steps instead of --budget seconds: "
+                           "one count, or one per problem separated by ','")
   parser.add_argument("--scale", type=float, default=1.0)
   parser.add_argument("--candidates", default="",
                       help="candidate labels separated by ';' (default: all)")
   args = parser.parse_args(argv)
+  problems = args.problems.split(",")
+  steps = [int(n) for n in args.steps.split(",")] if args.steps else None
+  if steps and len(steps) == 1:
+    steps = steps * len(problems)
+  if steps and len(steps) != len(problems):
+    parser.error("--steps: one count, or one per problem")
   for solver in args.solvers.split(","):
-    evidence = {"budget_seconds": args.budget, "scale": args.scale, "problems": {}}
-    for name in args.problems.split(","):
+    evidence = ({"steps": dict(zip(problems, steps))} if steps
+                else {"budget_seconds": args.budget})
+    evidence.update(scale=args.scale, problems={})
+    for index, name in enumerate(problems):
       prob = time_to_loss.problem(name, scale=args.scale)
       rows = {}
       chosen = args.candidates.split(";") if args.candidates else CANDIDATES[solver]
       for label in chosen:
         kwargs = CANDIDATES[solver][label]
         tx = time_to_loss.SOLVERS[solver](prob.loss, **kwargs)
-        record = time_to_loss.run_one(prob, tx, second_order=True, budget=args.budget,
-                                      seed=0, eval_every=args.budget / 10)
-        rows[label] = {"kwargs": kwargs, "final_loss": record["loss"][-1],
+        if steps:
+          record = run_steps(prob, tx, steps[index], evaluations=10)
+        else:
+          record = time_to_loss.run_one(prob, tx, second_order=True, budget=args.budget,
+                                        seed=0, eval_every=args.budget / 10)
+        rows[label] = {"kwargs": _printable(kwargs), "final_loss": record["loss"][-1],
                        "steps": record["step"][-1], "curve": record["loss"]}
+        if steps:
+          rows[label].update(curve_steps=record["step"],
+                             seconds=round(record["seconds"][-1], 1))
         print(json.dumps({"solver": solver, "problem": name, "candidate": label,
                           "final_loss": record["loss"][-1], "steps": record["step"][-1]},
                          ensure_ascii=False), flush=True)
@@ -73,6 +112,38 @@ def main(argv=None):
         entry.update(candidates=merged, best=_best(merged))
       evidence["problems"] = {**earlier, **evidence["problems"]}
     path.write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
+
+
+class _StepRun(suite.Run):
+  """:class:`suite.Run` advanced by step counts rather than seconds."""
+
+  def advance_steps(self, until: int) -> float:
+    """Steps until ``until`` steps are done; records and returns the probe loss."""
+    while self.steps < until:
+      start = time.perf_counter()
+      self.params, self.state, _ = jax.block_until_ready(
+          self._step(self.params, self.state, *self._batch))
+      self.seconds += time.perf_counter() - start
+      self.steps += 1
+      self._batch = next(self._batches)
+    value = self.probe_loss()
+    for key, entry in (("step", self.steps), ("seconds", self.seconds), ("loss", value)):
+      self.record[key].append(entry)
+    return value
+
+
+def run_steps(prob, tx, steps: int, *, evaluations: int, seed: int = 0) -> dict:
+  """Train ``steps`` steps; the probe loss at ``evaluations`` evenly spaced points."""
+  run = _StepRun(prob, tx, second_order=True, seed=seed)
+  for k in range(1, evaluations + 1):
+    run.advance_steps(round(k * steps / evaluations))
+  return run.record
+
+
+def _printable(kwargs: dict) -> dict:
+  """``kwargs`` for the JSON: a schedule (a callable) by its name."""
+  return {k: getattr(v, "__name__", repr(v)) if callable(v) else v
+          for k, v in kwargs.items()}
 
 
 def _best(rows: dict) -> str:

@@ -33,10 +33,12 @@ from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax import pairs
+from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_in_range, check_positive,
                                 static_int, value_at)
 
 PyTree = Any
+STEP_SIZES = ("model", "fixed")
 
 
 class QuasiNewtonState(NamedTuple):
@@ -62,7 +64,7 @@ class QuasiNewtonState(NamedTuple):
 
 
 def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
-        memory: Optional[int] = None, pair_period: Optional[int] = None,
+        step_size: str = "model", memory: Optional[int] = None, pair_period: Optional[int] = None,
         curvature: str = "ggn", curvature_batch: bool = False,
         min_curvature: float = 1e-10,
         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
@@ -92,13 +94,13 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
 
   memory = static_int("memory", memory, 10)
   pair_period = static_int("pair_period", pair_period, 10)
-  return _quasi_newton("sqn", loss, learning_rate, memory, pair_period, curvature,
+  return _quasi_newton("sqn", loss, learning_rate, step_size, memory, pair_period, curvature,
                        curvature_batch, pairs.lbfgs_inverse_product, accept,
                        average_iterates=True, descent_fallback=False, axis_name=axis_name)
 
 
 def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
-         memory: Optional[int] = None, pair_period: Optional[int] = None,
+         step_size: str = "model", memory: Optional[int] = None, pair_period: Optional[int] = None,
          curvature: str = "ggn", curvature_batch: bool = False,
          skip_tolerance: float = 1e-8,
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
@@ -126,18 +128,21 @@ def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0
 
   memory = static_int("memory", memory, 10)
   pair_period = static_int("pair_period", pair_period, 1)
-  return _quasi_newton("lsr1", loss, learning_rate, memory, pair_period, curvature,
+  return _quasi_newton("lsr1", loss, learning_rate, step_size, memory, pair_period, curvature,
                        curvature_batch, pairs.sr1_inverse_product, accept,
                        average_iterates=False, descent_fallback=True, axis_name=axis_name)
 
 
-def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_period: int,
+def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory: int, pair_period: int,
                   curvature: str, curvature_batch: bool,
                   inverse_product: Callable, accept: Callable, *, average_iterates: bool,
                   descent_fallback: bool,
                   axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
   loss = losses_lib.get(loss)
   check_positive("learning_rate", learning_rate, schedule=True)
+  if step_size not in STEP_SIZES:
+    raise ValueError(f"{name}: step_size must be one of {', '.join(map(repr, STEP_SIZES))}, "
+                     f"got {step_size!r}.")
   if curvature not in ("ggn", "hessian"):
     raise ValueError(f"{name}: curvature must be 'ggn' or 'hessian', got {curvature!r}.")
 
@@ -205,8 +210,10 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     if descent_fallback:
       direction = jnp.where(jnp.vdot(g, direction) < 0, direction, -g)
     direction = jnp.where(store.count > 0, direction, -g)
-    lr = value_at(learning_rate, state.count)
-    step = unravel(jnp.asarray(lr, direction.dtype) * direction)
+    lr = jnp.asarray(value_at(learning_rate, state.count), direction.dtype)
+    if step_size == "model":
+      lr = lr * model_step_length(lin, g, direction, unravel)
+    step = unravel(lr * direction)
     new_state = QuasiNewtonState(
         pairs=store, anchor=anchor,
         window_sum=jnp.where(window_done, jnp.zeros_like(window_sum), window_sum),
@@ -217,6 +224,33 @@ def _quasi_newton(name: str, loss, learning_rate: float, memory: int, pair_perio
     return nonfinite.guard(finite, step, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def model_step_length(lin: cvp.Linearization, g: jax.Array, direction: jax.Array,
+                      unravel: Callable[[jax.Array], PyTree]) -> jax.Array:
+  """``α = −gᵀp / pᵀCp``, the minimiser along ``p`` of the step batch's GGN model.
+
+  The 1×1 case of :func:`curvax.quadratic.minimiser` (curveball.md eq. 11–12 with
+  ``λ = 0``): ``f̂(αp) = α gᵀp + ½ α² (Jp)ᵀ H_L (Jp)``. One forward-mode product ``Jp``
+  on the step's linearisation, no extra forward pass. A direction along which the model
+  has no positive curvature (so no minimiser; only possible for a loss that is not
+  convex in the outputs) gets ``α = 0``: the batch is skipped rather than the step
+  blown up.
+
+  Args:
+    lin: the step's linearisation.
+    g: flattened gradient.
+    direction: flattened descent direction ``p``.
+    unravel: flat vector to parameter pytree.
+  """
+  p = unravel(direction)
+  model = quadratic.build([lin.jvp(p)], [p], output_hvp=lin.output_hvp,
+                          gradient_dots=[jnp.vdot(g, direction)],
+                          damping=jnp.zeros((), direction.dtype),
+                          output_vdot=lin.output_vdot)
+  alpha = quadratic.minimiser(model)[0]
+  return jnp.where(model.curvature[0, 0] > 0, jnp.maximum(alpha, 0), 0).astype(
+      direction.dtype)
 
 
 def _wide(a: jax.Array) -> jax.Array:
