@@ -103,15 +103,25 @@ def main(argv=None):
         print(json.dumps({"solver": solver, "problem": name, "candidate": label,
                           "final_loss": record["loss"][-1], "steps": record["step"][-1]},
                          ensure_ascii=False), flush=True)
-      evidence["problems"][name] = {"best": _best(rows), "candidates": rows}
-    path = time_to_loss.RESULTS / f"defaults_{solver}.json"
-    if path.exists():  # earlier runs of other problems and candidates are kept
-      earlier = json.loads(path.read_text())["problems"]
-      for name, entry in evidence["problems"].items():
-        merged = {**earlier.get(name, {}).get("candidates", {}), **entry["candidates"]}
-        entry.update(candidates=merged, best=_best(merged))
-      evidence["problems"] = {**earlier, **evidence["problems"]}
-    path.write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
+        # Saved after every candidate: a long run stopped early keeps what it measured.
+        evidence["problems"][name] = {"best": _best(rows), "candidates": rows}
+        _save(solver, evidence)
+
+
+def _save(solver: str, evidence: dict) -> None:
+  """Write ``defaults_<solver>.json``, keeping earlier runs' problems and candidates."""
+  path = time_to_loss.RESULTS / f"defaults_{solver}.json"
+  evidence = json.loads(json.dumps(evidence))  # the caller's copy stays unmerged
+  if path.exists():
+    earlier = json.loads(path.read_text())
+    for name, entry in evidence["problems"].items():
+      merged = {**earlier["problems"].get(name, {}).get("candidates", {}),
+                **entry["candidates"]}
+      entry.update(candidates=merged, best=_best(merged))
+    evidence["problems"] = {**earlier["problems"], **evidence["problems"]}
+    if "steps" in evidence:
+      evidence["steps"] = {**earlier.get("steps", {}), **evidence["steps"]}
+  path.write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
 
 
 class _StepRun(suite.Run):

@@ -67,8 +67,8 @@ def test_sqn_pairs_are_averaged_iterate_differences_times_curvature(curvature):
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
     period, lr = 2, 0.3
-    tx = curvax.sqn(LOSS, learning_rate=lr, memory=5, pair_period=period,
-                    curvature=curvature, curvature_batch=True)
+    tx = curvax.sqn(LOSS, learning_rate=lr, step_size="fixed", memory=5,
+                    pair_period=period, curvature=curvature, curvature_batch=True)
     step = _stepper(tx, curvature_batch=True)
     params, state = problem.params, tx.init(problem.params)
     w0, unravel = ravel_pytree(params)
@@ -113,8 +113,8 @@ def test_lsr1_pairs_skipping_and_direction_match_dense_recursion(curvature, peri
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
     lr = 0.5
-    tx = curvax.lsr1(LOSS, learning_rate=lr, memory=4, skip_tolerance=tolerance,
-                     curvature=curvature, pair_period=period)
+    tx = curvax.lsr1(LOSS, learning_rate=lr, step_size="fixed", memory=4,
+                     skip_tolerance=tolerance, curvature=curvature, pair_period=period)
     step = _stepper(tx, curvature_batch=False)
     params, state = problem.params, tx.init(problem.params)
     _, unravel = ravel_pytree(params)
@@ -150,12 +150,67 @@ def test_lsr1_pairs_skipping_and_direction_match_dense_recursion(curvature, peri
                                rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("solver,period", [("sqn", 2), ("lsr1", 1)])
+def test_model_step_length_minimises_the_dense_ggn_model_along_the_direction(solver,
+                                                                             period):
+  """``step_size="model"`` scales the fixed step's direction ``p`` by
+  ``α = −gᵀp / pᵀGp`` (times ``learning_rate``), ``G`` the step batch's dense GGN: the
+  closed-form minimiser of ``gᵀ(αp) + ½ (αp)ᵀG(αp)``. Both solvers see the same states,
+  so ``p`` is the fixed step's update."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp()
+    make = lambda **kw: getattr(curvax, solver)(LOSS, learning_rate=0.7, memory=3,
+                                                pair_period=period, **kw)
+    model_step = _stepper(make(), curvature_batch=False)
+    fixed_step = _stepper(make(step_size="fixed"), curvature_batch=False)
+    params, state = problem.params, make().init(problem.params)
+    for t, (x, y, _, _) in enumerate(_batches(6, seed=3)):
+      updates, new_state = model_step(params, state, x, y)
+      p = ref.flat(fixed_step(params, state, x, y)[0]) / 0.7
+      dense = ref.mlp_dense(params, x, y)
+      alpha = -(dense.grad @ p) / (p @ dense.ggn @ p)
+      assert alpha > 0
+      np.testing.assert_allclose(ref.flat(updates), 0.7 * alpha * p, rtol=1e-9,
+                                 atol=1e-14, err_msg=f"step {t}")
+      params, state = optax.apply_updates(params, updates), new_state
+    assert int(state.pairs.count) >= 1
+
+
+def test_defaults_train_where_the_fixed_unit_step_diverges():
+  """Full-batch tiny MLP: the paper's fixed step (learning rate 1, no line search)
+  blows L-SR1 up and makes SQN climb; the default model step brings both down."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp(batch=32, seed=1, hidden=5)
+    predict = problem.predict_fn()
+
+    def losses(tx, steps=20):
+      @jax.jit
+      def step(params, state):
+        updates, state = tx.update(None, state, params, predict_fn=predict,
+                                   targets=problem.y)
+        return optax.apply_updates(params, updates), state
+
+      params, state = problem.params, tx.init(problem.params)
+      out = [ref.mlp_loss(params, problem.x, problem.y)]
+      for _ in range(steps):
+        params, state = step(params, state)
+        out.append(ref.mlp_loss(params, problem.x, problem.y))
+      return np.asarray(out)
+
+    fixed = losses(curvax.lsr1(LOSS, memory=5, step_size="fixed"))
+    assert not np.all(fixed[1:] < 10 * fixed[0]), fixed
+    for tx in (curvax.lsr1(LOSS, memory=5), curvax.sqn(LOSS, memory=5, pair_period=2)):
+      default = losses(tx)
+      assert np.all(np.isfinite(default)) and default.max() <= default[0], default
+      assert default[-1] < 0.6 * default[0], default
+
+
 @pytest.mark.parametrize("solver", ["sqn", "lsr1"])
 def test_pairs_without_curvature_are_skipped(solver):
   """A curvature batch on which the network is constant gives ``y = 0``: never stored."""
   problem = ref.tiny_mlp(jnp.float32)
-  tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, pair_period=1,
-                               curvature_batch=True)
+  tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, step_size="fixed",
+                               pair_period=1, curvature_batch=True)
   flat_outputs = jnp.zeros((4, 3))
 
   @jax.jit
@@ -310,7 +365,8 @@ def test_missing_curvature_batch_arguments_raise(solver):
 @pytest.mark.parametrize("solver", ["sqn", "lsr1"])
 @pytest.mark.parametrize("name,value", [
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("memory", 0),
-    ("memory", 2.5), ("pair_period", 0), ("curvature", "fisher")])
+    ("memory", 2.5), ("pair_period", 0), ("curvature", "fisher"),
+    ("step_size", "armijo")])
 def test_bad_configuration_names_the_argument(solver, name, value):
   with pytest.raises(ValueError, match=name):
     getattr(curvax, solver)(LOSS, **{name: value})
