@@ -81,10 +81,12 @@ def optimiser(method: str, *, line_search: bool) -> optax.GradientTransformation
                                curvature_batch=True, max_cg_iters=SHG_CG_ITERS,
                                min_cg_iters=3, damping=1.0)
   elif method == "sqn":
-    base = curvax.sqn(LOSS, learning_rate=1.0 if line_search else lr, memory=10,
-                      pair_period=10)
+    # The paper's method: the Armijo search (or a fixed rate) on p = −Hg itself.
+    base = curvax.sqn(LOSS, learning_rate=1.0 if line_search else lr, step_size="fixed",
+                      memory=10, pair_period=10)
   elif method == "lsr1":
-    base = curvax.lsr1(LOSS, learning_rate=1.0 if line_search else lr, memory=10)
+    base = curvax.lsr1(LOSS, learning_rate=1.0 if line_search else lr, step_size="fixed",
+                       memory=10)
   else:
     raise ValueError(f"unknown method {method!r}")
   if not line_search:

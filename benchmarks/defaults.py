@@ -7,7 +7,8 @@ Each candidate trains for the same wall-clock budget (compilation excluded) from
 initialisation on the same batches as :mod:`benchmarks.time_to_loss`, and the final
 probe loss is recorded. ``--steps`` instead trains every candidate for the same number
 of steps (one count, or one per problem), the fair comparison on a shared machine whose
-wall-clock is unreliable; the recorded ``seconds`` then only indicate step cost. ``"defaults"`` is the solver called with no tuning argument, so
+wall-clock is unreliable; the recorded ``seconds`` then only indicate step cost.
+``"defaults"`` is the solver called with no tuning argument, so
 the file shows at a glance whether a default is the best candidate measured.
 Writes ``benchmarks/results/defaults_<solver>.json``.
 """

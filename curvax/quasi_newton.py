@@ -13,9 +13,17 @@ computed by the shared CVP module on the curvature batch (second_order_compariso
   curvature batch is given); the SR1 skipping rule; compact SR1 inverse. SR1 matrices can
   be indefinite: when ``gᵀp ≥ 0`` the step falls back to ``−g``.
 
-The paper's finding is that these need a line search: chain them with
-``optax.scale_by_backtracking_linesearch`` (see the README). ``learning_rate`` scales
-the direction otherwise.
+Step length. The paper's finding (second_order_comparison.md §3.4, §4.4) is that a
+fixed step along ``p`` explodes and these methods need a line search (its Armijo
+condition, eq. 2): a unit step on ``p = −g`` before the first pair, or along a poorly
+scaled ``−Hg``, diverges on every shipped problem. By default (``step_size="model"``)
+the step is ``α p`` with ``α = −gᵀp / pᵀCp``, the exact minimiser along ``p`` of the
+step batch's GGN quadratic model (curveball.md eq. 11–12, the 1×1 case of
+:func:`curvax.quadratic.minimiser`, as KFAC chooses its step), at the price of one
+forward-mode product ``Jp`` on the step's linearisation. ``step_size="fixed"`` is the
+paper's setting without a line search (``learning_rate · p``); chain either with
+``optax.scale_by_backtracking_linesearch`` for the paper's method (see the README) —
+with the fixed step the search starts from ``p`` exactly as in the paper.
 """
 
 from __future__ import annotations
@@ -64,7 +72,8 @@ class QuasiNewtonState(NamedTuple):
 
 
 def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
-        step_size: str = "model", memory: Optional[int] = None, pair_period: Optional[int] = None,
+        step_size: str = "model", memory: Optional[int] = None,
+        pair_period: Optional[int] = None,
         curvature: str = "ggn", curvature_batch: bool = False,
         min_curvature: float = 1e-10,
         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
@@ -77,8 +86,14 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
 
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
-    learning_rate: scales ``−H g`` (use a line search in the chain to choose it); also an
+    learning_rate: scales the step (with ``step_size="fixed"``, ``−H g`` itself: the
+      paper's setting, where a line search in the chain chooses it); also an
       ``optax.Schedule``, evaluated at ``state.count``.
+    step_size: ``"model"`` (default): ``−H g`` times ``α = −gᵀp / pᵀGp``, the minimiser
+      along ``p = −H g`` of the step batch's GGN model (see the module docstring), which
+      trains every shipped problem (``benchmarks/results/defaults_sqn.json``);
+      ``"fixed"``: ``α = 1`` (second_order_comparison.md §4.4: diverges without a line
+      search).
     memory: number of pairs kept (``None``: 10).
     pair_period: ``L``, steps per averaging window and between pairs (``None``: 10).
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
@@ -94,25 +109,29 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
 
   memory = static_int("memory", memory, 10)
   pair_period = static_int("pair_period", pair_period, 10)
-  return _quasi_newton("sqn", loss, learning_rate, step_size, memory, pair_period, curvature,
-                       curvature_batch, pairs.lbfgs_inverse_product, accept,
+  return _quasi_newton("sqn", loss, learning_rate, step_size, memory, pair_period,
+                       curvature, curvature_batch, pairs.lbfgs_inverse_product, accept,
                        average_iterates=True, descent_fallback=False, axis_name=axis_name)
 
 
 def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
-         step_size: str = "model", memory: Optional[int] = None, pair_period: Optional[int] = None,
+         step_size: str = "model", memory: Optional[int] = None,
+         pair_period: Optional[int] = None,
          curvature: str = "ggn", curvature_batch: bool = False,
          skip_tolerance: float = 1e-8,
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Limited-memory SR1 with CVP curvature pairs and the standard skipping rule.
 
   Hyperparameters as in :func:`sqn` (arrays, a ``learning_rate`` schedule, static
-  ``memory`` / ``pair_period``).
+  ``memory`` / ``pair_period``), and the same default step length.
 
   Args:
     loss: a :class:`curvax.losses.Loss` or its name.
-    learning_rate: scales the direction (use a line search in the chain to choose it);
-      also an ``optax.Schedule``, evaluated at ``state.count``.
+    learning_rate: scales the step (with ``step_size="fixed"``, the direction itself:
+      the paper's setting, where a line search in the chain chooses it); also an
+      ``optax.Schedule``, evaluated at ``state.count``.
+    step_size: ``"model"`` (default) or ``"fixed"``, as in :func:`sqn`
+      (``benchmarks/results/defaults_lsr1.json``).
     memory: number of pairs kept (``None``: 10).
     pair_period: steps between pairs, ``s`` spans them (``None``: 1).
     curvature: ``"ggn"`` or ``"hessian"`` for ``y = C s``.
@@ -128,12 +147,13 @@ def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0
 
   memory = static_int("memory", memory, 10)
   pair_period = static_int("pair_period", pair_period, 1)
-  return _quasi_newton("lsr1", loss, learning_rate, step_size, memory, pair_period, curvature,
-                       curvature_batch, pairs.sr1_inverse_product, accept,
+  return _quasi_newton("lsr1", loss, learning_rate, step_size, memory, pair_period,
+                       curvature, curvature_batch, pairs.sr1_inverse_product, accept,
                        average_iterates=False, descent_fallback=True, axis_name=axis_name)
 
 
-def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory: int, pair_period: int,
+def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory: int,
+                  pair_period: int,
                   curvature: str, curvature_batch: bool,
                   inverse_product: Callable, accept: Callable, *, average_iterates: bool,
                   descent_fallback: bool,
@@ -141,8 +161,7 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
   loss = losses_lib.get(loss)
   check_positive("learning_rate", learning_rate, schedule=True)
   if step_size not in STEP_SIZES:
-    raise ValueError(f"{name}: step_size must be one of {', '.join(map(repr, STEP_SIZES))}, "
-                     f"got {step_size!r}.")
+    raise ValueError(f"{name}: step_size must be 'model' or 'fixed', got {step_size!r}.")
   if curvature not in ("ggn", "hessian"):
     raise ValueError(f"{name}: curvature must be 'ggn' or 'hessian', got {curvature!r}.")
 
