@@ -26,7 +26,7 @@ from benchmarks.timing import median_times
 from curvax.problems import models, training
 
 # (loss, outputs shape): the MLP classifier's logits, the autoencoder's pixels
-# (benchmarks.autoencoder: batch 1000 of 784 in its evaluation) and a large case.
+# (the paper-scale autoencoder: batch 1000 of 784 outputs) and a large case.
 CASES = [
     ("softmax_cross_entropy", (256, 10)),
     ("softmax_cross_entropy", (4096, 1000)),
