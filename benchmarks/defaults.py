@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 
@@ -125,29 +124,11 @@ def _save(solver: str, evidence: dict) -> None:
   path.write_text(json.dumps(evidence, indent=1, ensure_ascii=False))
 
 
-class _StepRun(suite.Run):
-  """:class:`suite.Run` advanced by step counts rather than seconds."""
-
-  def advance_steps(self, until: int) -> float:
-    """Steps until ``until`` steps are done; records and returns the probe loss."""
-    while self.steps < until:
-      start = time.perf_counter()
-      self.params, self.state, _ = jax.block_until_ready(
-          self._step(self.params, self.state, *self._batch))
-      self.seconds += time.perf_counter() - start
-      self.steps += 1
-      self._batch = next(self._batches)
-    value = self.probe_loss()
-    for key, entry in (("step", self.steps), ("seconds", self.seconds), ("loss", value)):
-      self.record[key].append(entry)
-    return value
-
-
 def run_steps(prob, tx, steps: int, *, evaluations: int, seed: int = 0) -> dict:
   """Train ``steps`` steps; the probe loss at ``evaluations`` evenly spaced points."""
-  run = _StepRun(prob, tx, second_order=True, seed=seed)
+  run = suite.Run(prob, tx, second_order=True, seed=seed)
   for k in range(1, evaluations + 1):
-    run.advance_steps(round(k * steps / evaluations))
+    run.advance(steps=round(k * steps / evaluations))
   return run.record
 
 

@@ -181,22 +181,7 @@ def test_defaults_train_where_the_fixed_unit_step_diverges():
   blows L-SR1 up and makes SQN climb; the default model step brings both down."""
   with jax.enable_x64(True):
     problem = ref.tiny_mlp(batch=32, seed=1, hidden=5)
-    predict = problem.predict_fn()
-
-    def losses(tx, steps=20):
-      @jax.jit
-      def step(params, state):
-        updates, state = tx.update(None, state, params, predict_fn=predict,
-                                   targets=problem.y)
-        return optax.apply_updates(params, updates), state
-
-      params, state = problem.params, tx.init(problem.params)
-      out = [ref.mlp_loss(params, problem.x, problem.y)]
-      for _ in range(steps):
-        params, state = step(params, state)
-        out.append(ref.mlp_loss(params, problem.x, problem.y))
-      return np.asarray(out)
-
+    losses = lambda tx: _training_losses(problem, tx, 20, line_search=False)
     fixed = losses(curvax.lsr1(LOSS, memory=5, step_size="fixed"))
     assert not np.all(fixed[1:] < 10 * fixed[0]), fixed
     for tx in (curvax.lsr1(LOSS, memory=5), curvax.sqn(LOSS, memory=5, pair_period=2)):
@@ -243,13 +228,18 @@ def _solvers():
   }
 
 
-def _losses_with_line_search(problem, tx, steps):
-  """The training loss after each of ``steps`` jitted steps of a line-search chain."""
+def _training_losses(problem, tx, steps, *, line_search=True):
+  """The training loss after each of ``steps`` jitted steps; with ``line_search`` the
+  step passes the value, gradient and ``value_fn`` an optax line search needs."""
   loss = curvax.losses.softmax_cross_entropy()
   predict = problem.predict_fn()
 
   @jax.jit
   def step(params, state):
+    if not line_search:
+      updates, state = tx.update(None, state, params, predict_fn=predict,
+                                 targets=problem.y)
+      return optax.apply_updates(params, updates), state
     value, grad = jax.value_and_grad(lambda p: loss.value(predict(p), problem.y))(params)
     updates, state = tx.update(grad, state, params, value=value, grad=grad,
                                value_fn=curvax.objective(loss), predict_fn=predict,
@@ -269,7 +259,7 @@ def test_backtracking_line_search_never_increases_the_loss(name):
   with jax.enable_x64(True):
     tx = optax.chain(_solvers()[name], optax.scale_by_backtracking_linesearch(
         max_backtracking_steps=30, slope_rtol=0.1))
-    losses = _losses_with_line_search(_logistic_regression(), tx, steps=12)
+    losses = _training_losses(_logistic_regression(), tx, steps=12)
     assert np.all(np.diff(losses) <= 1e-12), losses
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -279,7 +269,7 @@ def test_zoom_line_search_composes(name):
   with jax.enable_x64(True):
     tx = optax.chain(_solvers()[name],
                      optax.scale_by_zoom_linesearch(max_linesearch_steps=20))
-    losses = _losses_with_line_search(_logistic_regression(seed=1), tx, steps=10)
+    losses = _training_losses(_logistic_regression(seed=1), tx, steps=10)
     assert np.all(np.isfinite(losses))
     assert np.all(np.diff(losses) <= 1e-12), losses
     assert losses[-1] < 0.75 * losses[0], losses

@@ -104,9 +104,10 @@ class Run:
   def probe_loss(self) -> float:
     return float(self._probe(self.params))
 
-  def advance(self, until: float) -> float:
-    """Steps until the clock reaches ``until`` seconds; records and returns the probe loss."""
-    while self.seconds < until:
+  def advance(self, until: float = float("inf"), *, steps: float = float("inf")) -> float:
+    """Steps until the clock reaches ``until`` seconds or the step count reaches
+    ``steps``, whichever comes first; records and returns the probe loss."""
+    while self.seconds < until and self.steps < steps:
       start = time.perf_counter()
       self.params, self.state, _ = jax.block_until_ready(
           self._step(self.params, self.state, *self._batch))
