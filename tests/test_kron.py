@@ -418,7 +418,9 @@ def test_blocked_spd_inverse_is_as_accurate_as_cholesky_on_a_nearly_singular_fac
   expected = np.linalg.inv(m)
   error = lambda f: (np.abs(np.asarray(jax.jit(f)(jnp.asarray(m, jnp.float32)), np.float64)
                             - expected).max() / np.abs(expected).max())
-  assert error(inverse.blocked_spd_inverse) < 2 * error(inverse.cholesky_inverse) + 1e-6
+  # 3×, not 2×: the reference Cholesky's own error moves with OpenBLAS's threading (the
+  # ratio measured 1.0–2.03 across runs); the failure this guards against was ~100×.
+  assert error(inverse.blocked_spd_inverse) < 3 * error(inverse.cholesky_inverse) + 1e-6
 
 
 # --------------------------------------------------------------------- fallback
