@@ -51,9 +51,9 @@ def run(budget: float = 60.0, every: float = 5.0, seed: int = 0,
   for until in np.arange(every, budget + every / 2, every):
     losses = []
     for one in runs.values():
-      before = min(one.seconds, until)  # a step may overrun the slice; the bar does not
+      before = min(one.seconds, budget)  # a step may overrun the budget; the bar does not
       losses.append(one.advance(float(until)))
-      bar.update(until - before)
+      bar.update(min(one.seconds, budget) - before)
     bar.write(f"{until:>8.0f} | " + " | ".join(f"{v:>24.1f}" for v in losses) + " | "
               + " | ".join(f"{one.steps:>24d}" for one in runs.values()))
   bar.close()
