@@ -92,6 +92,24 @@ def dense(predict, params, targets, loss_fn=cross_entropy) -> Dense:
   return _as_dense(jax.jit(lambda p, t: _matrices(predict, p, t, loss_fn))(params, targets))
 
 
+def dense_ggn(predict, params, targets, loss_fn=cross_entropy) -> tuple[np.ndarray, np.ndarray]:
+  """``(Jᵀ H_L J, ∇f)`` on flattened parameters: :func:`dense` without the full Hessian
+  (the expensive part for models with a few hundred parameters)."""
+  w, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def matrices(w):
+    net = lambda v: predict(unravel(v)).reshape(-1)
+    shape = jax.eval_shape(lambda: predict(unravel(w))).shape
+    on_outputs = lambda o: loss_fn(o.reshape(shape), targets)
+    jacobian = jax.jacobian(net)(w)
+    outputs = net(w)
+    return (jacobian.T @ jax.hessian(on_outputs)(outputs) @ jacobian,
+            jacobian.T @ jax.grad(on_outputs)(outputs))
+
+  return tuple(np.asarray(m) for m in matrices(w))
+
+
 @jax.jit
 def _mlp_matrices(params, x, y):
   return _matrices(lambda p: TinyMLP.predict(p, x), params, y, cross_entropy)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from curvax import kron, losses
 from curvax.problems import models
@@ -42,21 +41,6 @@ def _estimate(predict, params, loss, targets, estimator):
   estimate, outputs, layer_outputs = jax.jit(run)(params)
   info.update(outputs=outputs, layer_outputs=layer_outputs)
   return estimate, info
-
-
-def _dense_ggn(predict, params, targets, loss_fn):
-  """``Jᵀ H_L J`` on ravel_pytree-flattened parameters (jitted jacobian / hessian)."""
-  w, unravel = ravel_pytree(params)
-
-  @jax.jit
-  def ggn(w):
-    outputs = predict(unravel(w))
-    jacobian = jax.jacobian(lambda v: predict(unravel(v)).reshape(-1))(w)
-    hessian = jax.hessian(lambda o: loss_fn(o.reshape(outputs.shape), targets))(
-        outputs.reshape(-1))
-    return jacobian.T @ hessian @ jacobian
-
-  return np.asarray(ggn(w))
 
 
 def _offsets(params):
@@ -115,7 +99,7 @@ def test_batch_one_kflr_and_kfra_factors_are_the_ggn_blocks(loss_name):
     for predict, params, activation in (_flax_mlp(1) + (jnp.tanh,),
                                         _tagged_mlp(1)[:2] + (jax.nn.sigmoid,)):
       targets = make_targets(jax.random.PRNGKey(7), 1)
-      ggn = _dense_ggn(predict, params, targets, loss_fn)
+      ggn = ref.dense_ggn(predict, params, targets, loss_fn)[0]
       both = lambda cap: (kron.kflr_factors(cap), kron.kfra_factors(cap, activation))
       estimates, info = _estimate(predict, params, loss, targets, both)
       for estimate in estimates:
@@ -133,7 +117,7 @@ def test_factors_for_a_batch_are_activation_covariance_and_expected_ggn():
     targets = jax.random.randint(jax.random.PRNGKey(3), (5,), 0, 3)
     estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
                                kron.kflr_factors)
-    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    ggn = ref.dense_ggn(predict, params, targets, ref.cross_entropy)[0]
     a0, a1 = activations(params)
     a1 = np.concatenate([a1, np.ones((5, 1))], axis=1)  # the bias's appended 1
     np.testing.assert_allclose(estimate.q[0], a0.T @ a0 / 5, rtol=1e-12)
@@ -329,7 +313,7 @@ def test_conv_with_one_position_and_one_example_is_exact():
     predict = lambda p: model.apply(p, x)
     estimate, info = _estimate(predict, params, losses.softmax_cross_entropy(), targets,
                                kron.kflr_factors)
-    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    ggn = ref.dense_ggn(predict, params, targets, ref.cross_entropy)[0]
     for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
       index = _block_index(params, block)
       np.testing.assert_allclose(np.kron(q, g), ggn[np.ix_(index, index)],
@@ -446,7 +430,7 @@ def test_unfactored_parameters_warn_and_get_their_ggn_diagonal():
                                  lambda cap: kron.kflr_factors(cap, jax.random.PRNGKey(0)))
     assert len(caught) == 1 and "b2" not in str(caught[0].message)
     assert [info["names"][i] for i in info["fallback"]] == ["['w2']"]
-    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    ggn = ref.dense_ggn(predict, params, targets, ref.cross_entropy)[0]
     offsets = _offsets(params)
     for i, diag in zip(info["fallback"], estimate.diag):
       span = slice(offsets[i], offsets[i + 1])
@@ -557,7 +541,7 @@ def test_weight_sharing_setting_is_exact_for_deep_linear_networks_in_its_setting
     predict, params = _shared_linear(2, 3, pool=setting == "reduce")
     outputs = predict(params)
     targets = jax.random.normal(jax.random.PRNGKey(9), outputs.shape, jnp.float64)
-    ggn = _dense_ggn(predict, params, targets, ref.squared_error)
+    ggn = ref.dense_ggn(predict, params, targets, ref.squared_error)[0]
     both = lambda cap: tuple(kron.kflr_factors(cap, weight_sharing=s)
                              for s in (setting, other))
     (exact, inexact), info = _estimate(predict, params, losses.squared_error(), targets,
@@ -649,7 +633,7 @@ def test_attention_projections_and_embedding_are_exact_with_one_row():
     assert not info["fallback"]
     kinds = sorted((b.kind, b.q_dim, b.out_dim) for b in info["blocks"])
     assert kinds == [("dense", 5, 4)] * 4 + [("dense", 5, 5), ("embed", 5, 4)]
-    ggn = _dense_ggn(predict, params, targets, ref.cross_entropy)
+    ggn = ref.dense_ggn(predict, params, targets, ref.cross_entropy)[0]
     for block, q, g in zip(info["blocks"], estimate.q, estimate.g):
       if block.kind == "embed":
         np.testing.assert_array_equal(q, np.eye(5)[3])  # the token's one-hot, as a vector

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import curvax
 from curvax import kron
@@ -53,22 +52,6 @@ def _loss_fn(outputs, targets):
   return POSITIONS * ref.cross_entropy(outputs, targets)
 
 
-def _dense_ggn_and_grad(predict, params, targets):
-  """``Jᵀ H_L J`` and ``∇f`` on ravel_pytree-flattened parameters."""
-  w, unravel = ravel_pytree(params)
-
-  @jax.jit
-  def matrices(w):
-    outputs = predict(unravel(w))
-    jacobian = jax.jacobian(lambda v: predict(unravel(v)).reshape(-1))(w)
-    hessian = jax.hessian(lambda o: _loss_fn(o.reshape(outputs.shape), targets))(
-        outputs.reshape(-1))
-    return jacobian.T @ hessian @ jacobian, jacobian.T @ jax.grad(
-        lambda o: _loss_fn(o.reshape(outputs.shape), targets))(outputs.reshape(-1))
-
-  return tuple(np.asarray(m) for m in matrices(w))
-
-
 def _flat_index(params, leaves):
   """ravel_pytree indices of these leaves, in this order."""
   sizes = [leaf.size for leaf in jax.tree.leaves(params)]
@@ -91,7 +74,7 @@ def test_full_blocks_are_the_dense_ggn_blocks_for_kflr_kfac_and_the_precondition
   """
   with jax.enable_x64(True):
     predict, params, targets = _problem()
-    ggn_all, grad = _dense_ggn_and_grad(predict, params, targets)
+    ggn_all, grad = ref.dense_ggn(predict, params, targets, _loss_fn)
     info = {}
 
     def run(p):
