@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 import numpy as np
 
 import curvax

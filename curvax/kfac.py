@@ -279,8 +279,9 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       model = quadratic.build(images, directions, output_hvp=lin.output_hvp,
                               gradient_dots=[optax.tree.vdot(grad, d) for d in directions],
                               damping=model_damping, output_vdot=lin.output_vdot)
-      coefficients = (quadratic.minimiser(model) if momentum_bounds is None
-                      else quadratic.minimiser_bounded(model, 1, *momentum_bounds))
+      coefficients = (quadratic.minimiser_bounded(model, 1, *momentum_bounds)
+                      if momentum and momentum_bounds is not None
+                      else quadratic.minimiser(model))
       value = quadratic.predicted_change(model, coefficients, damped=True)
       step = optax.tree.scale(coefficients[0], direction)
       image = coefficients[0] * images[0]

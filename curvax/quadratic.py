@@ -116,6 +116,9 @@ def minimiser_bounded(model: QuadraticModel, index: int, low: float, high: float
   ``x_index`` at the nearer bound and the other coefficients minimising the model with
   it fixed: ``x_rest = −M_rr⁺ (b_r + M_r,index · x_index)``.
   """
+  if not 0 <= index < model.linear.shape[0]:
+    raise ValueError(f"minimiser_bounded: index {index} out of range for "
+                     f"{model.linear.shape[0]} coefficient(s).")
   free = minimiser(model)
   fixed = jnp.clip(free[index], low, high)
   rest = np.array([i for i in range(model.linear.shape[0]) if i != index])

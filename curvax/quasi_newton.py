@@ -90,8 +90,9 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
       paper's setting, where a line search in the chain chooses it); also an
       ``optax.Schedule``, evaluated at ``state.count``.
     step_size: ``"model"`` (default): ``−H g`` times ``α = −gᵀp / pᵀGp``, the minimiser
-      along ``p = −H g`` of the step batch's GGN model (see the module docstring), which
-      trains every shipped problem (``benchmarks/results/defaults_sqn.json``);
+      along ``p = −H g`` of the step batch's GGN model (see the module docstring): finite
+      on every shipped problem where the fixed step diverges, though it still stalls on
+      the autoencoder's plateau (``benchmarks/results/defaults_sqn.json``);
       ``"fixed"``: ``α = 1`` (second_order_comparison.md §4.4: diverges without a line
       search).
     memory: number of pairs kept (``None``: 10).
@@ -253,8 +254,7 @@ def model_step_length(lin: cvp.Linearization, g: jax.Array, direction: jax.Array
   ``λ = 0``): ``f̂(αp) = α gᵀp + ½ α² (Jp)ᵀ H_L (Jp)``. One forward-mode product ``Jp``
   on the step's linearisation, no extra forward pass. A direction along which the model
   has no positive curvature (so no minimiser; only possible for a loss that is not
-  convex in the outputs) gets ``α = 0``: the batch is skipped rather than the step
-  blown up.
+  convex in the outputs) gets ``α = 0``: a zero step rather than a blown-up one.
 
   Args:
     lin: the step's linearisation.
@@ -267,9 +267,9 @@ def model_step_length(lin: cvp.Linearization, g: jax.Array, direction: jax.Array
                           gradient_dots=[jnp.vdot(g, direction)],
                           damping=jnp.zeros((), direction.dtype),
                           output_vdot=lin.output_vdot)
-  alpha = quadratic.minimiser(model)[0]
-  return jnp.where(model.curvature[0, 0] > 0, jnp.maximum(alpha, 0), 0).astype(
-      direction.dtype)
+  # minimiser() already gives 0 when pᵀCp ≤ 0 (no usable curvature); the maximum keeps
+  # an ascent direction (gᵀp > 0) from being taken backwards.
+  return jnp.maximum(quadratic.minimiser(model)[0], 0).astype(direction.dtype)
 
 
 def _wide(a: jax.Array) -> jax.Array:

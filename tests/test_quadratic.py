@@ -258,3 +258,5 @@ def test_minimiser_bounded_is_the_constrained_optimum(seed):
 def test_minimiser_bounded_one_direction_is_clipped():
   model = quadratic.QuadraticModel(jnp.eye(1), jnp.eye(1), jnp.array([-5.0]))
   np.testing.assert_allclose(quadratic.minimiser_bounded(model, 0, 0.0, 2.0), [2.0])
+  with pytest.raises(ValueError, match="index 1 out of range"):
+    quadratic.minimiser_bounded(model, 1, 0.0, 1.0)  # jnp indexing would clamp silently
