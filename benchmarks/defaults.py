@@ -54,6 +54,13 @@ CANDIDATES = {
         "λ₀ = 1": dict(damping=1.0),
         "λ₀ = 0.1": dict(damping=0.1),
     },
+    "hessian_free": {
+        "defaults": {},
+        "λ₀ = 1": dict(damping=1.0),
+        "λ₀ = 0.1": dict(damping=0.1),
+        "λ₀ = 0.01": dict(damping=0.01),
+        "λ₀ = 0.001": dict(damping=0.001),
+    },
     "sqn": _QUASI_NEWTON,
     "lsr1": _QUASI_NEWTON,
 }

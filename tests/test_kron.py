@@ -387,6 +387,26 @@ def test_blocked_spd_inverse_matches_dense_inverse(n):
     assert not np.all(np.isfinite(bad))  # not positive definite: no silent answer
 
 
+def test_spd_inverses_pads_and_groups_factors_exactly():
+  """The grouped inverses (identity-padded to a multiple of 64 rows, one loop per padded
+  size) are each matrix's own inverse: two sizes share a padded size (130, 190 → 192),
+  one is alone (200 → 256), one is below a Cholesky block, and dtypes are kept apart."""
+  from curvax.kron import inverse
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    def spd(n, dtype):
+      a = rng.normal(size=(2 * n, n))
+      return (a.T @ a / (2 * n) + 1e-2 * np.eye(n)).astype(dtype)
+    matrices = [spd(130, np.float64), spd(20, np.float64), spd(190, np.float64),
+                spd(200, np.float64), spd(150, np.float32)]
+    got = jax.jit(inverse.spd_inverses)([jnp.asarray(m) for m in matrices])
+    for m, inv in zip(matrices, got):
+      assert inv.shape == m.shape and inv.dtype == m.dtype
+      expected = np.linalg.inv(m.astype(np.float64))
+      tol = 1e-9 if m.dtype == np.float64 else 1e-4
+      np.testing.assert_allclose(inv, expected, atol=tol * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("n, rows, damping", [(401, 300, 1e-3), (785, 1000, 1e-5)])
 def test_blocked_spd_inverse_is_as_accurate_as_cholesky_on_a_nearly_singular_factor(
     n, rows, damping):

@@ -146,17 +146,26 @@ def invert(factors: Factors, previous: Inverse, capture: Capture,
            damping: Array) -> Inverse:
   """Fresh damped inverses of the captured blocks' factors for ``k = damping``
   (eq. 36–38) and ``(F + kI)⁻¹`` of the full blocks (other slots keep ``previous``)."""
-  q, g, full = list(previous.q), list(previous.g), list(previous.full)
+  slots = {"q": list(previous.q), "g": list(previous.g), "full": list(previous.full)}
+  pending = []  # ((slot, index), damped matrix): inverted together, see spd_inverses
   for block in capture.blocks:
     i = block.kernel
     k = damping.astype(factors.q[i].dtype)
-    q[i], g[i] = inverse_lib.damped_inverses(factors.q[i], factors.g[i], k,
-                                             q_dim=block.q_dim, g_dim=block.out_dim)
+    q_damped, g_damped = inverse_lib.damped_factors(
+        factors.q[i], factors.g[i], k, q_dim=block.q_dim, g_dim=block.out_dim)
+    if q_damped.ndim == 1:
+      slots["q"][i] = 1 / q_damped
+    else:
+      pending.append((("q", i), q_damped))
+    pending.append((("g", i), g_damped))
   for block in capture.full_blocks:
     matrix = factors.full[block.owner]
-    full[block.owner] = inverse_lib.spd_inverse(
-        inverse_lib.add_to_diagonal(matrix, damping.astype(matrix.dtype)))
-  return Inverse(tuple(q), tuple(g), tuple(full))
+    pending.append((("full", block.owner),
+                    inverse_lib.add_to_diagonal(matrix, damping.astype(matrix.dtype))))
+  inverses = inverse_lib.spd_inverses([matrix for _, matrix in pending])
+  for ((slot, i), _), inverse in zip(pending, inverses):
+    slots[slot][i] = inverse
+  return Inverse(tuple(slots["q"]), tuple(slots["g"]), tuple(slots["full"]))
 
 
 def _block_matrix(leaves, block, q_size):
