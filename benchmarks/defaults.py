@@ -51,6 +51,7 @@ CANDIDATES = {
     },
     "curveball": {
         "defaults": {},
+        "paper without batch normalisation (λ₀ = 10)": dict(damping=10.0),
         "λ₀ = 1": dict(damping=1.0),
         "λ₀ = 0.1": dict(damping=0.1),
     },
