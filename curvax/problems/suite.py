@@ -56,7 +56,8 @@ def problem(name: str, *, scale: float = 1.0) -> Problem:
   if name == "cnn":
     data = datasets.subset(datasets.load_mnist("train", flatten=False), size(10000))
     return Problem(models.BasicCNN(num_classes=10), losses.softmax_cross_entropy(),
-                   data, datasets.subset(data, size(2000)), size(128), False, None)
+                   # ReLU throughout; KFRA refuses the network (not a Dense chain)
+                   data, datasets.subset(data, size(2000)), size(128), False, jax.nn.relu)
   raise ValueError(f"unknown problem {name!r}; expected one of {', '.join(PROBLEMS)}")
 
 
