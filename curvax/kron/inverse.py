@@ -17,12 +17,14 @@ factorisations and triangular solves against the identity (one core, and erratic
 OpenBLAS threads compete with XLA's); the result stays row-major, so the stored inverses
 are never transposed. Other platforms use a Cholesky solve.
 
-XLA unrolls that recursion, so compiling it once per factor made most of a KFAC step's
-compile time (a measured 11.8 s of the autoencoder's ≈ 23 s). :func:`spd_inverses`
-instead pads every factor larger than a block with an identity block to a multiple of
-64 rows (``[[M, 0], [0, I]]⁻¹ = [[M⁻¹, 0], [0, I]]``, exact) and inverts the factors of
-one padded size in one ``lax.map``: the recursion is compiled once per padded size
-(1.6 s for the autoencoder's 14 large factors, four sizes).
+XLA unrolls that recursion, so compiling it once per factor was a large share of a KFAC
+step's compile time. :func:`spd_inverses` instead pads every factor larger than a block
+with an identity block to a multiple of 64 rows (``[[M, 0], [0, I]]⁻¹ = [[M⁻¹, 0],
+[0, I]]``, exact) and inverts the factors of one padded size in one ``lax.map``: the
+recursion is compiled once per padded size. Measured side by side on the autoencoder's 16
+factors (14 above a block, four padded sizes): the inverse set compiles in 3.6 s instead
+of 7.0 s and runs 16 % slower (116 vs 100 ms, once per inverse refresh); the KFAC step's
+XLA compile went from 16.2 s to 12.4 s (HLO ops 15.6k → 11.3k).
 """
 
 from __future__ import annotations
