@@ -50,7 +50,10 @@ def polyak(max_decay: ScalarOrSchedule = 0.95) -> optax.GradientTransformation:
   check_fraction("max_decay", max_decay, schedule=True)
 
   def init_fn(params):
-    return PolyakState(average=jax.tree.map(_wide, params),
+    # A copy even when no widening is needed: astype to the same dtype returns the
+    # parameter's own buffer, which a step donating params and state would alias.
+    return PolyakState(average=jax.tree.map(lambda p: jnp.array(_wide(p), copy=True),
+                                            params),
                        count=jnp.zeros((), jnp.int32),
                        like=jax.tree.map(lambda p: jnp.zeros((), jnp.asarray(p).dtype),
                                          params))

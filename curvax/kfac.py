@@ -216,13 +216,14 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       dims = int(dims)
     factors, inverse = kron_state.init(params, max_factor_dim=dims)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
-    zero = jnp.zeros((), jnp.int32)
+    # One buffer per leaf: a state donated to a jitted step may not alias a buffer.
+    zero = lambda: jnp.zeros((), jnp.int32)
     return KFACState(
         factors=factors, inverse=inverse,
         velocity=optax.tree.zeros_like(params) if momentum else None,
-        gamma=f32(gamma), tau=f32(tau), count=zero, loss=f32(jnp.nan),
+        gamma=f32(gamma), tau=f32(tau), count=zero(), loss=f32(jnp.nan),
         alpha=f32(0.0), mu=f32(0.0), reduction_ratio=f32(jnp.nan),
-        num_skipped=zero, num_rejected=zero)
+        num_skipped=zero(), num_rejected=zero())
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, **extra_args):

@@ -30,8 +30,9 @@ class PairStore(NamedTuple):
 
 
 def empty(memory: int, size: int, dtype) -> PairStore:
-  zeros = jnp.zeros((memory, size), dtype)
-  return PairStore(zeros, zeros, jnp.zeros((), jnp.int32))
+  # Separate buffers: a state donated to a jitted step may not alias one buffer twice.
+  zeros = lambda: jnp.zeros((memory, size), dtype)
+  return PairStore(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
 
 def push(store: PairStore, s: jax.Array, y: jax.Array, accept: jax.Array) -> PairStore:

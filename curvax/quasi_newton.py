@@ -169,7 +169,9 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
   def init_fn(params):
     flat = _wide(ravel_pytree(params)[0])
     return QuasiNewtonState(
-        pairs=pairs.empty(memory, flat.size, flat.dtype), anchor=flat,
+        # A copy: a lone 1-D float32 parameter ravels to its own buffer, which a step
+        # donating params and state would alias.
+        pairs=pairs.empty(memory, flat.size, flat.dtype), anchor=jnp.array(flat, copy=True),
         window_sum=jnp.zeros_like(flat), num_windows=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32), loss=jnp.asarray(jnp.nan, jnp.float32),
         num_skipped=jnp.zeros((), jnp.int32))

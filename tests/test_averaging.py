@@ -57,3 +57,22 @@ def test_max_decay_as_schedule_and_under_inject_hyperparams():
     injected = optax.inject_hyperparams(curvax.polyak)(max_decay=np.float32(0.4))
     np.testing.assert_allclose(run(injected), _reference(thetas, lambda t: 0.4),
                                rtol=1e-6)
+
+
+def test_a_step_donating_params_and_state_keeps_the_recurrence():
+  """float32 parameters need no widening; the average must still be its own buffer, or a
+  step donating params and state together is refused ("donate the same buffer twice")."""
+  tx = curvax.polyak()
+
+  @jax.jit
+  def plain(params, state, shift):
+    updates = jnp.full_like(params, shift)
+    return params + updates, tx.update(updates, state, params)[1]
+
+  donating = jax.jit(plain, donate_argnums=(0, 1))
+  params = jnp.arange(3.0, dtype=jnp.float32)
+  state, seen = tx.init(params), [np.asarray(params)]
+  for t in range(4):
+    params, state = donating(params, state, jnp.float32(t + 1))
+    seen.append(np.asarray(params))
+  np.testing.assert_allclose(state.average, _reference(seen, lambda t: 0.95), rtol=1e-6)

@@ -90,6 +90,23 @@ def test_two_independently_built_runs_are_identical(name):
 
 
 @solver_names
+def test_a_step_that_donates_params_and_state_matches_one_that_does_not(name):
+  """``donate_argnums`` on the state (as kfac-jax's and many training loops' steps do)
+  needs every state leaf in its own buffer: a shared one is refused at the first call
+  ("donate the same buffer twice")."""
+  tx, step = solver(name)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def donating(params, state, x, y):
+    return step(params, state, x, y)
+
+  params = init_params()
+  expected = train(step, params, tx.init(params), 0, 3)
+  fresh = jax.tree.map(jnp.copy, params)
+  assert_trees_equal(train(donating, fresh, tx.init(fresh), 0, 3), expected)
+
+
+@solver_names
 def test_no_retrace_after_the_first_step(name):
   tx = SOLVERS[name]()
   traces = []
