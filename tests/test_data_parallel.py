@@ -105,7 +105,7 @@ def test_objective_averages_over_the_axis():
 SOLVERS = {
     "curveball": lambda axis: curvax.curveball("softmax_cross_entropy", damping=1.0,
                                                damping_period=2, axis_name=axis),
-    # λ₀ = 1, not the default 0.01: on this tiny problem the smaller damping lets CG
+    # λ₀ = 1, not the default 0.1: on this tiny problem a smaller damping lets CG
     # amplify float32 reduction-order rounding to ~8e-5 relative in 3 steps.
     "hessian_free": lambda axis: curvax.hessian_free(
         "softmax_cross_entropy", damping=1.0, max_cg_iters=4, min_cg_iters=2,

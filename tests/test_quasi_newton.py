@@ -372,7 +372,7 @@ SCHEDULES = {
 }
 # Hessian-free with its defaults: exactly the issue's
 # ``optax.inject_hyperparams(curvax.hessian_free)(loss=..., learning_rate=...)``.
-# Hessian-free at λ₀ = 1: at the default 0.01 CG amplifies the two programs' different
+# Hessian-free at λ₀ = 1: at a small λ₀ (0.01) CG amplifies the two programs' different
 # float64 rounding (~1e-16) past the 1e-12 the comparison asks for.
 STATIC = {"hessian_free": dict(damping=1.0), "sqn": dict(pair_period=2), "lsr1": dict()}
 
