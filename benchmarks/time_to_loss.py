@@ -275,14 +275,15 @@ def main(argv=None):
     plot(json.loads(out.with_suffix(".json").read_text())["curves"], out.with_suffix(".png"))
     return
   solvers = tuple(args.solvers.split(","))
-  results = run(tuple(args.problems.split(",")), budget=args.budget, solvers=solvers,
-                scale=args.scale, first_order=not args.merge)
   record = {"budget_seconds": args.budget, "scale": args.scale,
             "backend": jax.default_backend(), "device": str(jax.devices()[0])}
-  if args.merge:
+  if args.merge:  # checked before the runs, not after minutes of them
     earlier = json.loads(out.with_suffix(".json").read_text())
     if {k: earlier[k] for k in record} != record:
       parser.error(f"--merge: {out.with_suffix('.json')} was run with other settings")
+  results = run(tuple(args.problems.split(",")), budget=args.budget, solvers=solvers,
+                scale=args.scale, first_order=not args.merge)
+  if args.merge:
     for name, runs in results.items():
       earlier["curves"][name].update(runs)
     record["merged"] = earlier.get("merged", []) + [{"solvers": list(solvers)}]
