@@ -521,6 +521,17 @@ def test_kfra_refuses_models_that_are_not_chains():
     _kfra(_Residual(), x, jnp.zeros((2, 3)), "squared_error", jnp.tanh)
 
 
+def test_kfra_activation_check_without_public_debug_info(monkeypatch):
+  # jax < 0.10 has no jax.extend.core.DebugInfo (pyproject allows jax 0.4.30): the
+  # trace-time check must still build its sub-jaxpr and catch a wrong activation.
+  import jax.extend.core as jex
+  if hasattr(jex, "DebugInfo"):
+    monkeypatch.delattr(jex, "DebugInfo")
+  x, labels = jnp.ones((2, 3)), jnp.array([0, 1])
+  with pytest.raises(ValueError, match="is not what the model applies"):
+    _kfra(models.MLP(features=(4, 3)), x, labels, "softmax_cross_entropy", jax.nn.relu)
+
+
 def test_chain_activations_of_the_paper_models():
   assert kron.chain_activations(models.MLP(features=(4, 3, 2))) == [jnp.tanh, jnp.tanh]
   sig = nn.sigmoid

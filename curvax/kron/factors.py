@@ -344,8 +344,9 @@ def _gap_function(closed, source, target) -> Optional[Callable[[Array], Array]]:
       return None
   if not reached_source:
     return None
-  info = jex.DebugInfo("curvax.kfra activation check", None,
-                       ("h",), ("a",))
+  # jax.extend.core.DebugInfo is public from jax 0.10; older releases accept none.
+  info = (jex.DebugInfo("curvax.kfra activation check", None, ("h",), ("a",))
+          if hasattr(jex, "DebugInfo") else None)
   sub = jex.Jaxpr(used_consts, [source], [target],
                   [jaxpr.eqns[i] for i in sorted(used_eqns)], debug_info=info)
   fn = jex.jaxpr_as_fun(jex.ClosedJaxpr(sub, [known[v] for v in used_consts]))
