@@ -7,7 +7,8 @@ eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One 
 
 1. capture the layers and linearise the network (one forward pass,
    :func:`curvax.kron.capture`); the gradient comes from the same pass;
-2. estimate the factors, update their moving averages (decay 0.9: §5), and every
+2. estimate the factors, update their moving averages (decay 0.9: §5; every
+   ``factor_period`` steps), and every
    ``inverse_period`` steps (and on γ-rule steps) their damped inverses
    (``jax.lax.cond`` on the count);
 3. ``δ̃ = C̃⁻¹ ∇f`` with the factored damping ``(Q̃ + ω√k I) ⊗ (𝒢̃ + ω⁻¹√k I)``,
@@ -142,6 +143,8 @@ def _due(count: jax.Array, period: Any) -> Union[bool, jax.Array]:
   known = concrete_value(period)
   if known == 0:
     return False
+  if known == 1:
+    return True
   if known is not None:
     return count % int(known) == 0
   return (period > 0) & (count % jnp.maximum(period, 1) == 0)
@@ -152,7 +155,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                        name: str = "kronecker_factored",
                        learning_rate: ScalarOrSchedule = 1.0, gamma: float = 1e-3,
                        tau: float = 1e-2, weight_decay: ScalarOrSchedule = 0.0,
-                       factor_decay: ScalarOrSchedule = 0.9, inverse_period: int = 5,
+                       factor_decay: ScalarOrSchedule = 0.9, factor_period: int = 1,
+                       inverse_period: int = 5,
                        tau_period: int = 5, tau_factor: Optional[float] = None,
                        gamma_period: int = 20, gamma_factor: Optional[float] = None,
                        min_damping: ScalarOrSchedule = 1e-8,
@@ -177,6 +181,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
   check_in_range(label("factor_decay"), factor_decay, 0.0, 1.0, schedule=True)
   if concrete_value(factor_decay) == 1.0:
     raise ValueError(f"{name}: factor_decay must lie in [0, 1), got {factor_decay!r}.")
+  check_integer(f"{name}: factor_period", factor_period, 1)
   check_integer(f"{name}: inverse_period", inverse_period, 1)
   momentum_bounds = _check_momentum_bounds(name, momentum_bounds)
   check_integer(f"{name}: tau_period", tau_period, 0)
@@ -252,14 +257,25 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       grad = jax.tree.map(lambda g, p: (g + decay_now * p).astype(g.dtype), grad, params)
 
     # Factors: this batch's estimate and the moving averages.
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-    estimate = estimator(cap, key)
-    # A non-finite batch leaves the factors as they were (decided inside the averaging
-    # pass, so the final guard need not select over them again).
-    accept = jnp.isfinite(lin.loss_value) & kron_state.estimate_finite(estimate)
-    factors = kron_state.update(state.factors, estimate, cap,
-                                decay=value_at(factor_decay, state.count),
-                                first=state.count == 0, accept=accept)
+    def estimated():
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      estimate = estimator(cap, key)
+      # A non-finite batch leaves the factors as they were (decided inside the averaging
+      # pass, so the final guard need not select over them again).
+      accept = jnp.isfinite(lin.loss_value) & kron_state.estimate_finite(estimate)
+      return kron_state.update(state.factors, estimate, cap,
+                               decay=value_at(factor_decay, state.count),
+                               first=state.count == 0, accept=accept), accept
+
+    # Between factor updates the estimator's passes (KFAC's sampled backward, the factor
+    # products) are skipped at run time: lax.cond executes one branch.
+    estimate_now = _due(state.count, factor_period)
+    if estimate_now is True:
+      factors, accept = estimated()
+    else:
+      factors, accept = jax.lax.cond(
+          estimate_now, estimated,
+          lambda: (state.factors, jnp.isfinite(lin.loss_value)))
     invert = lambda gamma_value: kron_state.invert(factors, state.inverse, cap,
                                                    gamma_value + decay_now)
 
@@ -418,6 +434,10 @@ _COMMON_ARGS = """
       schedule.
     factor_decay: moving-average decay of the factors (§5: 0.9; 0 uses the batch
       alone). A number or a schedule.
+    factor_period: update the factors' moving averages every this many steps, on
+      counts ``0, T, 2T, …`` (kfac-jax's ``curvature_update_period``); in between the
+      estimator's passes (KFAC's sampled backward pass, the factor products) are
+      skipped. ``factor_decay`` applies per update. Default 1 (every step, §5).
     inverse_period: recompute the factors' damped inverses every this many steps
       (Algorithm 1: every step; Martens & Grosse use 20; default 5, by measurement).
     tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed. A step

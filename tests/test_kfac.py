@@ -188,8 +188,8 @@ def _damped_inverses(q, g, k):
 
 
 class _HandRun:
-  """kfra_kflr.md App. C over several batches, in numpy: KFLR factors' moving averages,
-  inverses refreshed every ``inverse_period`` steps and on γ-rule steps (stale in
+  """kfra_kflr.md App. C over several batches, in numpy: KFLR factors' moving averages
+  updated every ``factor_period`` steps (kept in between), inverses refreshed every ``inverse_period`` steps and on γ-rule steps (stale in
   between), momentum's 2×2 model, the τ rule every ``tau_period`` steps (a non-finite
   trial loss rejects the step), the greedy γ rule every ``gamma_period`` steps, the
   damping bounds, schedules read at the count, and skipped (non-finite) batches, which
@@ -218,8 +218,11 @@ class _HandRun:
     hand = _Hand(self.w, x, y, eta)
     batch = [hand.q1, hand.g1, hand.q2, hand.g2]
     self.loss = hand.value - 0.5 * eta * self.w @ self.w
-    self.factors = batch if count == 0 else [decay * f + (1 - decay) * b
-                                             for f, b in zip(self.factors, batch)]
+    if count % hp["factor_period"] == 0:
+      self.factors = batch if count == 0 else [decay * f + (1 - decay) * b
+                                               for f, b in zip(self.factors, batch)]
+    else:
+      self.events.add("stale factors")
     q1, g1, q2, g2 = self.factors
     invert = lambda gamma: (_damped_inverses(q1, g1, gamma + eta),
                             _damped_inverses(q2, g2, gamma + eta))
@@ -311,14 +314,14 @@ _SCHEDULES = dict(learning_rate=lambda c: 1.0 / (1.0 + 0.25 * c),
 
 def test_schedules_periodic_rules_rejected_and_skipped_steps_against_a_hand_run():
   """Steps 0–8 of KFLR with momentum against :class:`_HandRun`: the factors' moving
-  average past step 1, inverses stale between refreshes (period 2), the τ rule (period
+  average updated every third step, inverses stale between refreshes (period 2), the τ rule (period
   2) and the γ rule (period 3) moving both ways and clipped at the bounds, a step whose
   trial loss is NaN rejected, a NaN batch shifting every periodic rule by one batch;
   learning rate, factor decay and weight decay are schedules of the count, and the
   bounds are injected arrays (``optax.inject_hyperparams``), changed between runs."""
   with jax.enable_x64(True):
     params, *_ = _problem()
-    periods = dict(inverse_period=2, tau_period=2, gamma_period=3)
+    periods = dict(factor_period=3, inverse_period=2, tau_period=2, gamma_period=3)
     # Schedules passed through as such (static): optax would evaluate them at its own
     # count, which also counts skipped batches.
     tx = optax.inject_hyperparams(curvax.kflr, static_args=tuple(_SCHEDULES))(
@@ -361,7 +364,7 @@ def test_schedules_periodic_rules_rejected_and_skipped_steps_against_a_hand_run(
         p = optax.apply_updates(p, updates)
       events |= hand.events
     assert events >= {"gamma down", "gamma up", "gamma clipped", "tau down", "tau up",
-                      "tau clipped", "stale inverses", "rejected"}, events
+                      "tau clipped", "stale inverses", "stale factors", "rejected"}, events
 
 
 # ------------------------------------------------------ jit, NaN batches, training
@@ -609,6 +612,7 @@ def test_bad_arguments_are_clear_errors():
     curvax.kfac(losses.from_fn(lambda o, t: jnp.sum((o - t) ** 2)))
   for kwargs, match in ((dict(gamma=0.0), "gamma"), (dict(factor_decay=1.0), "factor_decay"),
                         (dict(inverse_period=0), "inverse_period"),
+                        (dict(factor_period=0), "factor_period"),
                         (dict(fallback="zero"), "fallback"),
                         (dict(tau_period=-1), "tau_period"),
                         (dict(momentum_bounds=(1.0, 0.0)), "low <= high"),
