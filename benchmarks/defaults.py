@@ -44,6 +44,7 @@ CANDIDATES = {
         "paper (Algorithm 1: inverses every step, no momentum)": dict(
             curvax.KRON_PAPER_SETTINGS),
         "γ = 1e-3 (the default before)": dict(gamma=1e-3),
+        "γ = 1e-4": dict(gamma=1e-4),
         "τ = 1e-3": dict(tau=1e-3),
         "no γ rule (γ fixed)": dict(gamma_period=0),
         "factors every 5 steps": dict(factor_period=5),

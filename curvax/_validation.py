@@ -106,8 +106,8 @@ def check_integer(name: str, value: Any, least: int) -> Optional[int]:
   return int(number)
 
 
-def static_int(name: str, value: Any, default: int) -> int:
-  """An integer hyperparameter that fixes array shapes or loop lengths, ``>= 1``.
+def static_int(name: str, value: Any, default: int, *, minimum: int = 1) -> int:
+  """An integer hyperparameter that fixes array shapes or loop lengths, ``>= minimum``.
 
   ``None`` means ``default``; NumPy and concrete 0-d JAX integers are accepted; a traced
   value (``optax.inject_hyperparams`` without ``static_args``) is refused with the fix.
@@ -119,6 +119,6 @@ def static_int(name: str, value: Any, default: int) -> int:
                     f"optax.inject_hyperparams pass static_args=({name!r},).")
   array = np.asarray(value)
   if (isinstance(value, (bool, np.bool_)) or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer) or int(array) < 1):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+      or not np.issubdtype(array.dtype, np.integer) or int(array) < minimum):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
   return int(array)

@@ -14,6 +14,9 @@ products of the shared CVP module (second_order_comparison.md §2.1, §3.3):
   ``ρ < 1/4``; a step is taken only if it lowers the batch loss, and a trial point with
   a non-finite loss counts as ``ρ = −∞`` (refused, ``λ`` raised) — only a non-finite
   loss or gradient at the current parameters skips the batch;
+* a step that does not lower the batch loss is line-searched (Armijo backtracking,
+  ``optax.scale_by_backtracking_linesearch``; second_order_comparison.md §3.4 uses it
+  for SHG) before it is refused: a departure from Martens 2010, which refuses it;
 * SHG: with ``curvature_batch=True`` the curvature comes from a separate (smaller) batch
   passed as ``curvature_predict_fn`` / ``curvature_targets`` extra arguments, while the
   gradient uses ``predict_fn`` / ``targets`` (the paper uses a sub-batch of 20%);
@@ -69,6 +72,7 @@ class HessianFreeState(NamedTuple):
 # What the shape-fixing integers mean when left at None (see hessian_free's Args).
 DEFAULT_MAX_CG_ITERS = 50
 DEFAULT_NUM_SAVED = 8
+DEFAULT_LINE_SEARCH_STEPS = 30
 
 
 def hessian_free(loss: "losses_lib.Loss | str", *,
@@ -82,7 +86,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
                  max_damping: ScalarOrSchedule = 1e8, curvature_batch: bool = False,
                  preconditioner: Optional[str] = None,
                  preconditioner_exponent: float = 0.75,
-                 preconditioner_samples: Optional[int] = None, seed: int = 0,
+                 preconditioner_samples: Optional[int] = None,
+                 line_search_steps: Optional[int] = None, seed: int = 0,
                  axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Hessian-free as an optax transformation (see the module docstring).
 
@@ -126,6 +131,14 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     preconditioner: ``None`` or ``"diagonal"`` (Hutchinson estimate of ``diag(C)``).
     preconditioner_exponent: ``ξ``.
     preconditioner_samples: Rademacher probes per step for the diagonal (``None``: 1).
+    line_search_steps: when the chosen iterate does not lower the batch loss, an Armijo
+      backtracking line search along it (``optax.scale_by_backtracking_linesearch``:
+      rates 1, 0.8, 0.8², …, sufficient-decrease constant 10⁻⁴; second_order_comparison.md
+      §3.4 applies it to every SHG step) tries at most this many rates, one forward pass
+      each, and the step is refused (zero) only if none lowers the loss. ``None``: 30
+      (down to 0.8³⁰ ≈ 10⁻³); 0: refuse at once (Martens 2010). Without it a transformer
+      whose loss rises within the model's trust region had every update refused while
+      the LM rule raised λ by 3/2 per update. ``λ`` follows ``ρ`` of the iterate itself.
     seed: PRNG seed of the probes (folded with the step count).
     axis_name: data-parallel axis (``shard_map`` / ``pmap``); products, the loss and the
       backtracking / LM statistics are averaged over it (see :func:`curvax.linearize`).
@@ -140,6 +153,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
   max_cg_iters = static_int("max_cg_iters", max_cg_iters, DEFAULT_MAX_CG_ITERS)
   num_saved = static_int("num_saved", num_saved, DEFAULT_NUM_SAVED)
   preconditioner_samples = static_int("preconditioner_samples", preconditioner_samples, 1)
+  line_search_steps = static_int("line_search_steps", line_search_steps,
+                                 DEFAULT_LINE_SEARCH_STEPS, minimum=0)
   check_in_range("min_cg_iters", min_cg_iters, 1, max_cg_iters)
   check_positive("cg_tol", cg_tol, schedule=True)
   check_in_range("warm_start_decay", warm_start_decay, 0, 1, schedule=True)
@@ -211,9 +226,15 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     new_damping = quadratic.levenberg_marquardt(
         lam, ratio, factor=at_count(damping_factor), lower=0.25, upper=0.75,
         min_damping=at_count(min_damping), max_damping=at_count(max_damping))
-    # A step that does not decrease the loss on the batch is not taken.
+    # A step that does not decrease the loss on the batch is not taken: a line search
+    # along it (line_search_steps) or nothing.
     taken = jnp.isfinite(ratio) & (actual < 0)
-    step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
+    refused = lambda: optax.tree.zeros_like(step)
+    if line_search_steps:
+      searched = lambda: _line_search(step, params, grad, lin, line_search_steps)
+      step = jax.lax.cond(taken, lambda: step, searched)
+    else:
+      step = optax.tree.where(taken, step, refused())
     new_state = HessianFreeState(
         direction=solve.x, damping=new_damping.astype(jnp.float32), count=state.count + 1,
         loss=lin.loss_value.astype(jnp.float32),
@@ -223,6 +244,19 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     return nonfinite.guard(finite, step, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _line_search(step, params, grad, lin, max_steps):
+  """``η·step`` for the first rate ``η ∈ {1, 0.8, 0.8², …}`` with Armijo's sufficient
+  decrease on the batch (optax's backtracking line search), or zero if none of
+  ``max_steps`` rates lowers the loss (or ``step`` is no descent direction)."""
+  search = optax.scale_by_backtracking_linesearch(max_backtracking_steps=max_steps)
+  value_fn = lambda p: lin.loss_at(p)
+  scaled, found = search.update(step, search.init(params), params, value=lin.loss_value,
+                                grad=grad, value_fn=value_fn)
+  lower = jnp.isfinite(found.value) & (found.value < lin.loss_value)
+  descent = optax.tree.vdot(grad, step) < 0
+  return optax.tree.where(lower & descent, scaled, optax.tree.zeros_like(step))
 
 
 def _scale(scalar, tree):

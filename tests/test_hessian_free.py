@@ -20,8 +20,9 @@ from curvax.hessian_free import _hutchinson_diagonal
 from tests import dense_reference as ref
 
 LOSS = "softmax_cross_entropy"
+# line_search_steps=0: a refused step is zero (the line search has its own test).
 EXACT = dict(backtracking=False, warm_start_decay=0.0, max_cg_iters=100, min_cg_iters=1,
-             cg_tol=1e-15)
+             cg_tol=1e-15, line_search_steps=0)
 
 
 _stepper = ref.tiny_mlp_stepper
@@ -111,6 +112,31 @@ def test_damping_trajectory_follows_the_lm_rule_and_refuses_uphill_steps():
                                    atol=1e-9 * np.linalg.norm(expected))
       params = optax.apply_updates(params, updates)
     assert refused >= 2 and branches == {-1.0, 0.0, 1.0}, (refused, branches)
+
+
+def test_refused_step_is_line_searched():
+  """From a small λ the damped Newton step goes uphill: the update is the step scaled by
+  the first rate 0.8ᵏ with Armijo's sufficient decrease (c = 1e-4), found from dense
+  matrices; λ still follows ρ of the full step."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp()
+    tx = curvax.hessian_free(LOSS, **dict(EXACT, line_search_steps=30))
+    step = _stepper(tx)
+    w, unravel = ravel_pytree(problem.params)
+    state = _with_damping(tx, problem.params, 0.03)
+    lam = float(state.damping)
+    dense = ref.mlp_dense(problem.params, problem.x, problem.y)
+    expected = np.linalg.solve(dense.ggn + lam * np.eye(w.size), -dense.grad)
+    ratio, actual = _ratio(problem, dense, dense.ggn, expected)
+    assert actual > 0, "the problem must give an uphill step at this λ"
+    loss = lambda v: float(ref.mlp_loss(unravel(w + v), problem.x, problem.y))
+    slope = dense.grad @ expected
+    rate = next(0.8 ** k for k in range(30)
+                if loss(0.8 ** k * expected) <= dense.value + 1e-4 * 0.8 ** k * slope)
+    assert rate < 1
+    updates, state = step(problem.params, state, problem.x, problem.y)
+    np.testing.assert_allclose(ref.flat(updates), rate * expected, rtol=1e-6)
+    np.testing.assert_allclose(float(state.damping), _lm(lam, ratio), rtol=1e-6)
 
 
 def test_given_gradient_replaces_the_solver_gradient():
@@ -358,7 +384,7 @@ def test_diagonal_preconditioner_iterates_match_dense_preconditioned_cg():
     ("learning_rate", 0.0), ("damping", -1.0), ("curvature", "fisher"),
     ("max_cg_iters", 0), ("min_cg_iters", 100), ("cg_tol", 0.0), ("warm_start_decay", 1.5),
     ("num_saved", 0), ("damping_factor", 1.5), ("preconditioner", "jacobi"),
-    ("preconditioner_samples", 0)])
+    ("preconditioner_samples", 0), ("line_search_steps", -1)])
 def test_bad_configuration_names_the_argument(name, value):
   with pytest.raises(ValueError, match=name):
     curvax.hessian_free(LOSS, **{name: value})
@@ -373,7 +399,8 @@ def test_non_finite_trial_loss_refuses_the_step_and_raises_damping():
     params = {"w": jnp.ones((1,), jnp.float64)}
     predict = lambda p: jnp.broadcast_to(jnp.log(p["w"]), (4, 1))
     targets = jnp.full((4, 1), target)
-    tx = curvax.hessian_free("squared_error", damping=lam, min_cg_iters=1)
+    tx = curvax.hessian_free("squared_error", damping=lam, min_cg_iters=1,
+                             line_search_steps=0)
     step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=predict, targets=targets))
     state, w, refused = tx.init(params), 1.0, 0
     for t in range(6):
