@@ -116,12 +116,13 @@ def main(argv=None):
         record = records[0]
         rows[label] = {"kwargs": _printable(kwargs),
                        "final_loss": float(np.mean([r["loss"][-1] for r in records])),
-                       "steps": record["step"][-1], "curve": record["loss"]}
+                       "steps": record["step"][-1]}
         if args.seeds > 1:  # the mean above; each seed's run below
           rows[label].update(seeds=args.seeds,
                              final_losses=[r["loss"][-1] for r in records],
                              curves=[r["loss"] for r in records])
-          del rows[label]["curve"]
+        else:
+          rows[label]["curve"] = record["loss"]
         if steps:
           rows[label].update(curve_steps=record["step"],
                              seconds=round(record["seconds"][-1], 1))

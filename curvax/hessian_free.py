@@ -229,12 +229,11 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     # A step that does not decrease the loss on the batch is not taken: a line search
     # along it (line_search_steps) or nothing.
     taken = jnp.isfinite(ratio) & (actual < 0)
-    refused = lambda: optax.tree.zeros_like(step)
     if line_search_steps:
       searched = lambda: _line_search(step, params, grad, lin, line_search_steps)
       step = jax.lax.cond(taken, lambda: step, searched)
     else:
-      step = optax.tree.where(taken, step, refused())
+      step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
     new_state = HessianFreeState(
         direction=solve.x, damping=new_damping.astype(jnp.float32), count=state.count + 1,
         loss=lin.loss_value.astype(jnp.float32),
@@ -251,9 +250,8 @@ def _line_search(step, params, grad, lin, max_steps):
   decrease on the batch (optax's backtracking line search), or zero if none of
   ``max_steps`` rates lowers the loss (or ``step`` is no descent direction)."""
   search = optax.scale_by_backtracking_linesearch(max_backtracking_steps=max_steps)
-  value_fn = lambda p: lin.loss_at(p)
   scaled, found = search.update(step, search.init(params), params, value=lin.loss_value,
-                                grad=grad, value_fn=value_fn)
+                                grad=grad, value_fn=lin.loss_at)
   lower = jnp.isfinite(found.value) & (found.value < lin.loss_value)
   descent = optax.tree.vdot(grad, step) < 0
   return optax.tree.where(lower & descent, scaled, optax.tree.zeros_like(step))
