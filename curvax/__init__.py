@@ -15,6 +15,7 @@ from curvax.extra_args import objective, without_weak_types
 from curvax.hessian_free import HessianFreeState, hessian_free
 from curvax.kfac import KRON_PAPER_SETTINGS, KFACState, kfac, kflr, kfra
 from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
+from curvax.soap import SOAPState, soap
 
 __all__ = [
     "averaging", "cg", "cvp", "damping", "kron", "losses", "pairs", "quadratic",
@@ -25,6 +26,7 @@ __all__ = [
     "KFACState", "KRON_PAPER_SETTINGS", "kfac", "kflr", "kfra",
     "PolyakState", "polyak", "averaged_params",
     "QuasiNewtonState", "sqn", "lsr1",
+    "SOAPState", "soap",
 ]
 
 __version__ = "0.1.0"
