@@ -395,3 +395,18 @@ def test_inject_hyperparams_matches_the_plain_optimiser():
 
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), run(injected),
                run(plain))
+
+
+def test_the_state_round_trips_through_flax_serialization():
+  """Axes without a preconditioner hold ``None``; the state still serialises."""
+  from flax import serialization
+  tx = curvax.soap(max_precond_dim=3)
+  params = {"w": jnp.ones((2, 4)), "b": jnp.ones(3)}
+  grads = jax.tree.map(lambda x: jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) - 1,
+                       params)
+  _, state = tx.update(grads, tx.init(params), params)
+  restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert restored.q["w"][1] is None and restored.q["b"] == (None,)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert np.any(np.asarray(restored.q["w"][0]) != 0)
