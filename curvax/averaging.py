@@ -9,6 +9,14 @@ bfloat16 the late increments ``(1 − β_t)(θ_t − θ̂_{t−1})`` fall below 
 ``θ̂`` and are lost). Put it LAST in an ``optax.chain`` (it
 averages ``params + updates``, the parameters after the step) and read the average with
 :func:`averaged_params`.
+
+A solver's rollback (:mod:`curvax.nonfinite`) reaches the average late: the step that
+landed the parameters where the loss overflows was averaged in (weight ``1 − β_t``)
+before the next batch showed it, and the reversal only stops it being averaged again.
+The landed point then decays from ``θ̂`` by ``β`` per step (``0.95^t``); when it is far
+out (a learning-rate spike), re-initialise the average after a rollback — the solver's
+``num_rolled_back`` says when — e.g. ``state = state._replace(average=params, count=0)``
+on the ``PolyakState``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Departures from the authors' code, deliberate:
   ``z`` and the step count keep their values and ``λ`` grows as for ``γ < 1/2`` — so the
   next batch is again an evaluation step, until a step is accepted. (The authors apply
   the step.)
+* a batch whose loss is not finite at the current parameters but was before the last
+  update (a step between evaluations, or a learning-rate spike, landed where the loss
+  overflows) returns that update reversed, clears ``z`` and raises ``λ`` as for a
+  rejected trial step (:mod:`curvax.nonfinite`); other non-finite batches are skipped.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import optax
 
 from curvax import extra_args as extra_args_lib
 from curvax import losses as losses_lib
+from curvax import nonfinite
 from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
                                 check_integer, check_positive, check_within, value_at)
@@ -64,6 +69,12 @@ class CurveBallState(NamedTuple):
       non-finite after a rejected trial step).
     num_skipped: batches whose loss or curvature products were not finite; such a batch
       leaves parameters and every other field unchanged.
+    last_step_scale: ``α`` of the last update returned, which was ``α z`` with ``z`` the
+      field above (0 after a rejected step or a rollback): the record a rollback
+      reverses, a scalar instead of a second params-sized buffer.
+    num_rolled_back: batches whose loss was not finite at the current parameters but
+      was before the last update: ``−α z`` was returned, ``z`` cleared and ``λ`` raised
+      as for a rejected trial step (:mod:`curvax.nonfinite`).
   """
   z: PyTree
   damping: jax.Array
@@ -73,6 +84,8 @@ class CurveBallState(NamedTuple):
   beta: jax.Array
   reduction_ratio: jax.Array
   num_skipped: jax.Array
+  last_step_scale: jax.Array
+  num_rolled_back: jax.Array
 
 
 def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
@@ -150,7 +163,8 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
         z=optax.tree.zeros_like(params), damping=scalar(damping),
         count=jnp.zeros((), jnp.int32), loss=scalar(jnp.nan), rho=scalar(0.0),
         beta=scalar(0.0), reduction_ratio=scalar(jnp.nan),
-        num_skipped=jnp.zeros((), jnp.int32))
+        num_skipped=jnp.zeros((), jnp.int32), last_step_scale=scalar(0.0),
+        num_rolled_back=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, **extra_args):
@@ -210,19 +224,44 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
     finite = jnp.all(jnp.isfinite(jnp.concatenate(
         [jnp.stack([lin.loss_value.astype(stat_dtype), new_rho, new_beta]), *checks])))
     take = finite & accepted
+    # A batch that is not finite here but whose loss was before the last update (α z):
+    # that update landed where the loss overflows — a learning-rate spike, or any step on the
+    # batches between λ-rule evaluations, which alone look at the trial loss. Return
+    # −α z, clear z (the momentum that carried the parameters there) and raise λ as for
+    # a rejected trial step; a second non-finite batch in a row is skipped.
+    last = lambda: jax.tree.map(
+        lambda zi: (state.last_step_scale.astype(zi.dtype) * zi), z)
+    undo = nonfinite.rollback_due(finite, params, last, lin.loss_at,
+                                  given_gradient=updates)
+    raised = quadratic.levenberg_marquardt(
+        state.damping, jnp.asarray(-jnp.inf, state.damping.dtype),
+        factor=jnp.asarray(damping_factor, jnp.float32)
+        ** jnp.asarray(damping_period, jnp.float32), lower=0.5, upper=1.5,
+        min_damping=min_damping, max_damping=max_damping)
     new_z = jax.tree.map(
-        lambda zi, di: jnp.where(take, new_rho * zi - new_beta * di, zi).astype(zi.dtype),
+        lambda zi, di: jnp.where(take, new_rho * zi - new_beta * di,
+                                 jnp.where(undo, 0, zi)).astype(zi.dtype),
         z, delta)
-    step = jax.tree.map(lambda zi: jnp.where(take, alpha * zi, 0).astype(zi.dtype), new_z)
+    step = jax.tree.map(
+        lambda zi, nzi: jnp.where(take, alpha * nzi,
+                                  jnp.where(undo, -state.last_step_scale * zi, 0)
+                                  ).astype(zi.dtype), z, new_z)
     kept = lambda new, old: jnp.where(finite, new, old)
     new_state = CurveBallState(
-        z=new_z, damping=kept(new_damping.astype(jnp.float32), state.damping),
+        z=new_z,
+        damping=jnp.where(undo, raised, kept(new_damping.astype(jnp.float32),
+                                              state.damping)),
         count=state.count + take.astype(state.count.dtype),
         loss=kept(lin.loss_value.astype(jnp.float32), state.loss),
         rho=kept(new_rho.astype(jnp.float32), state.rho),
         beta=kept(new_beta.astype(jnp.float32), state.beta),
-        reduction_ratio=kept(ratio.astype(jnp.float32), state.reduction_ratio),
-        num_skipped=state.num_skipped + (~finite).astype(state.num_skipped.dtype))
+        reduction_ratio=jnp.where(undo, -jnp.inf,
+                                  kept(ratio.astype(jnp.float32), state.reduction_ratio)),
+        num_skipped=state.num_skipped + (~finite & ~undo).astype(state.num_skipped.dtype),
+        # α of the update returned; a skipped batch keeps the record (nothing moved).
+        last_step_scale=jnp.where(take, alpha.astype(jnp.float32),
+                                  jnp.where(finite | undo, 0.0, state.last_step_scale)),
+        num_rolled_back=state.num_rolled_back + undo.astype(state.num_rolled_back.dtype))
     return step, new_state
 
   def _coefficients(model, count):

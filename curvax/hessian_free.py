@@ -13,7 +13,8 @@ products of the shared CVP module (second_order_comparison.md §2.1, §3.3):
   ``ρ = (f(w+δ) − f(w)) / (gᵀδ + ½δᵀCδ)``: ``λ·2/3`` if ``ρ > 3/4``, ``λ·3/2`` if
   ``ρ < 1/4``; a step is taken only if it lowers the batch loss, and a trial point with
   a non-finite loss counts as ``ρ = −∞`` (refused, ``λ`` raised) — only a non-finite
-  loss or gradient at the current parameters skips the batch;
+  loss or gradient at the current parameters skips the batch — unless the loss was
+  finite before the last update, which is then reversed (:mod:`curvax.nonfinite`);
 * a step that does not lower the batch loss is line-searched (Armijo backtracking,
   ``optax.scale_by_backtracking_linesearch``; second_order_comparison.md §3.4 uses it
   for SHG) before it is refused: a departure from Martens 2010, which refuses it;
@@ -59,6 +60,11 @@ class HessianFreeState(NamedTuple):
       the step was refused and ``λ`` raised).
     cg_iterations: CG iterations of the last step.
     num_skipped: batches skipped for non-finite values.
+    last_update: the update the last step returned (zero after a refused step or a
+      rollback): what a rollback reverses.
+    num_rolled_back: batches whose loss was not finite at the current parameters but
+      was before the last update: that update was reversed and ``λ`` raised as for a
+      refused step (:mod:`curvax.nonfinite`).
   """
   direction: PyTree
   damping: jax.Array
@@ -67,6 +73,8 @@ class HessianFreeState(NamedTuple):
   reduction_ratio: jax.Array
   cg_iterations: jax.Array
   num_skipped: jax.Array
+  last_update: PyTree
+  num_rolled_back: jax.Array
 
 
 # What the shape-fixing integers mean when left at None (see hessian_free's Args).
@@ -170,7 +178,9 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     return HessianFreeState(
         direction=optax.tree.zeros_like(params), damping=f32(damping),
         count=jnp.zeros((), jnp.int32), loss=f32(jnp.nan), reduction_ratio=f32(jnp.nan),
-        cg_iterations=jnp.zeros((), jnp.int32), num_skipped=jnp.zeros((), jnp.int32))
+        cg_iterations=jnp.zeros((), jnp.int32), num_skipped=jnp.zeros((), jnp.int32),
+        last_update=optax.tree.zeros_like(params),
+        num_rolled_back=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, curvature_predict_fn=None, curvature_targets=None,
@@ -188,8 +198,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
                            targets=curvature_targets, axis_name=axis_name)
     else:
       curv = lin
-    grad = extra_args_lib.given_gradient("hessian_free", updates, params)
-    grad = lin.grad() if grad is None else grad
+    given = extra_args_lib.given_gradient("hessian_free", updates, params)
+    grad = lin.grad() if given is None else given
     at_count = lambda value: value_at(value, state.count)
     lr = at_count(learning_rate)
     lam = state.damping.astype(lin.loss_value.dtype)
@@ -238,9 +248,25 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
         direction=solve.x, damping=new_damping.astype(jnp.float32), count=state.count + 1,
         loss=lin.loss_value.astype(jnp.float32),
         reduction_ratio=ratio.astype(jnp.float32), cg_iterations=solve.iterations,
-        num_skipped=state.num_skipped)
+        num_skipped=state.num_skipped, last_update=step,
+        num_rolled_back=state.num_rolled_back)
     finite = nonfinite.all_finite(lin.loss_value, grad, solve.x)
-    return nonfinite.guard(finite, step, new_state, state)
+    # A batch that is not finite here but whose loss was before the last update: that update landed
+    # where the loss overflows (an outer scaling or a learning-rate spike the trial
+    # point did not see). Undo it and raise λ as for a refused step (ρ = −∞); the warm
+    # start is kept — it was computed at the point the rollback returns to.
+    raised = quadratic.levenberg_marquardt(
+        state.damping, jnp.asarray(-jnp.inf, state.damping.dtype),
+        factor=at_count(damping_factor), lower=0.25, upper=0.75,
+        min_damping=at_count(min_damping), max_damping=at_count(max_damping))
+    rollback = nonfinite.Rollback(
+        due=nonfinite.rollback_due(finite, params, state.last_update,
+                                   lin.loss_at, given_gradient=given),
+        step=nonfinite.reverse(state.last_update),
+        state=state._replace(damping=raised.astype(jnp.float32),
+                             reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32),
+                             last_update=optax.tree.zeros_like(state.last_update)))
+    return nonfinite.guard(finite, step, new_state, state, rollback=rollback)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -47,6 +47,7 @@ from curvax._validation import (ScalarOrSchedule, check_in_range, check_positive
 
 PyTree = Any
 STEP_SIZES = ("model", "fixed")
+_ETA = 1e-4  # a trust-region step is taken when ρ > η (Nocedal & Wright Alg. 6.2)
 
 
 class QuasiNewtonState(NamedTuple):
@@ -61,6 +62,16 @@ class QuasiNewtonState(NamedTuple):
     count: steps taken (finite batches only).
     loss: loss at the parameters the last finite step started from.
     num_skipped: batches skipped for non-finite values.
+    last_update: flattened update the last step returned (zero after a refused step or
+      a rollback): what a rollback reverses.
+    trust_radius: ``Δ``, the bound on the length of the model step ``α p`` (before the
+      learning rate). With the trust region (L-SR1's default) it follows the reduction
+      ratio (Nocedal & Wright Alg. 6.2); without it, it is ``inf`` until a rollback
+      halves it and doubles back on every step after.
+    reduction_ratio: ``ρ`` of the last trust-region step (NaN without a trust region).
+    num_rolled_back: batches whose loss was not finite at the current parameters but
+      was before the last update: the update was reversed and ``Δ`` halved
+      (:mod:`curvax.nonfinite`).
   """
   pairs: pairs.PairStore
   anchor: jax.Array
@@ -69,13 +80,18 @@ class QuasiNewtonState(NamedTuple):
   count: jax.Array
   loss: jax.Array
   num_skipped: jax.Array
+  last_update: jax.Array
+  trust_radius: jax.Array
+  reduction_ratio: jax.Array
+  num_rolled_back: jax.Array
 
 
 def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
         step_size: str = "model", memory: Optional[int] = None,
         pair_period: Optional[int] = None,
         curvature: str = "ggn", curvature_batch: bool = False,
-        min_curvature: float = 1e-10,
+        min_curvature: float = 1e-10, trust_region: bool = False,
+        trust_radius: Optional[float] = None,
         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Stochastic L-BFGS with CVP curvature pairs at averaged iterates (Byrd et al. 2016).
 
@@ -112,14 +128,17 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
   pair_period = static_int("pair_period", pair_period, 10)
   return _quasi_newton("sqn", loss, learning_rate, step_size, memory, pair_period,
                        curvature, curvature_batch, pairs.lbfgs_inverse_product, accept,
-                       average_iterates=True, descent_fallback=False, axis_name=axis_name)
+                       average_iterates=True, descent_fallback=False,
+                       trust_region=trust_region, trust_radius=trust_radius,
+                       axis_name=axis_name)
 
 
 def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
          step_size: str = "model", memory: Optional[int] = None,
          pair_period: Optional[int] = None,
          curvature: str = "ggn", curvature_batch: bool = False,
-         skip_tolerance: float = 1e-8,
+         skip_tolerance: float = 1e-8, trust_region: bool = True,
+         trust_radius: Optional[float] = None,
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Limited-memory SR1 with CVP curvature pairs and the standard skipping rule.
 
@@ -150,16 +169,21 @@ def lsr1(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0
   pair_period = static_int("pair_period", pair_period, 1)
   return _quasi_newton("lsr1", loss, learning_rate, step_size, memory, pair_period,
                        curvature, curvature_batch, pairs.sr1_inverse_product, accept,
-                       average_iterates=False, descent_fallback=True, axis_name=axis_name)
+                       average_iterates=False, descent_fallback=True,
+                       trust_region=trust_region, trust_radius=trust_radius,
+                       axis_name=axis_name)
 
 
 def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory: int,
                   pair_period: int,
                   curvature: str, curvature_batch: bool,
                   inverse_product: Callable, accept: Callable, *, average_iterates: bool,
-                  descent_fallback: bool,
+                  descent_fallback: bool, trust_region: bool,
+                  trust_radius: Optional[float],
                   axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
   loss = losses_lib.get(loss)
+  if trust_radius is not None:
+    check_positive("trust_radius", trust_radius)
   check_positive("learning_rate", learning_rate, schedule=True)
   if step_size not in STEP_SIZES:
     raise ValueError(f"{name}: step_size must be 'model' or 'fixed', got {step_size!r}.")
@@ -174,7 +198,11 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
         pairs=pairs.empty(memory, flat.size, flat.dtype), anchor=jnp.array(flat, copy=True),
         window_sum=jnp.zeros_like(flat), num_windows=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32), loss=jnp.asarray(jnp.nan, jnp.float32),
-        num_skipped=jnp.zeros((), jnp.int32))
+        num_skipped=jnp.zeros((), jnp.int32), last_update=jnp.zeros_like(flat),
+        trust_radius=jnp.asarray(
+            jnp.inf if trust_radius is None else trust_radius, flat.dtype),
+        reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
+        num_rolled_back=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, curvature_predict_fn=None, curvature_targets=None,
@@ -190,8 +218,8 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
     # Pairs, iterates and directions live in at least float32 (bfloat16 params).
     flat = _wide(param_flat)
     unravel = lambda v: param_unravel(v.astype(param_flat.dtype))
-    grad = extra_args_lib.given_gradient(name, updates, params)
-    grad = lin.grad() if grad is None else grad
+    given = extra_args_lib.given_gradient(name, updates, params)
+    grad = lin.grad() if given is None else given
     g = _wide(ravel_pytree(grad)[0])
 
     def curvature_product(at_flat, s_flat, reuse_step_linearization):
@@ -233,19 +261,81 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
       direction = jnp.where(jnp.vdot(g, direction) < 0, direction, -g)
     direction = jnp.where(store.count > 0, direction, -g)
     lr = jnp.asarray(value_at(learning_rate, state.count), direction.dtype)
+    radius = state.trust_radius
     if step_size == "model":
-      lr = lr * model_step_length(lin, g, direction, unravel)
-    step = unravel(lr * direction)
+      model = _line_model(lin, g, direction, unravel)
+      length = _model_minimiser(model)
+    else:
+      model, length = None, jnp.ones((), direction.dtype)
+    # The model step t p, no longer than Δ (inf: no bound).
+    norm = jnp.linalg.norm(direction)
+    length = jnp.minimum(length, radius / jnp.where(norm > 0, norm, 1))
+    flat_step = lr * length * direction
+    ratio = jnp.asarray(jnp.nan, jnp.float32)
+    if trust_region:
+      # Nocedal & Wright Alg. 6.2 on the step taken: ρ = Δf / Δf̂ on the step's batch
+      # (one forward pass), the model the GGN one along p; refused unless ρ > η.
+      if model is None:
+        model = _line_model(lin, g, direction, unravel)
+      predicted = quadratic.predicted_change(model, (lr * length)[None])
+      trial = lin.loss_at(jax.tree.map(jnp.add, params, unravel(flat_step)))
+      ratio = quadratic.reduction_ratio(
+          trial.astype(predicted.dtype) - lin.loss_value.astype(predicted.dtype),
+          predicted)
+      ratio = jnp.where(jnp.isfinite(ratio), ratio, -jnp.inf)
+      model_norm = length * norm
+      # A zero model step (no descent along p) predicts nothing: Δ stays.
+      radius = jnp.where(
+          (ratio < 0.1) & (model_norm > 0), 0.5 * jnp.minimum(radius, model_norm),
+          jnp.where((ratio > 0.75) & (model_norm >= 0.8 * radius), 2 * radius, radius))
+      accepted = (ratio > _ETA) & (predicted < 0)
+      flat_step = jnp.where(accepted, flat_step, 0)
+      ratio = ratio.astype(jnp.float32)
+    else:
+      # Without a trust region Δ only bounds the steps after a rollback; it doubles
+      # back towards no bound on every step.
+      radius = 2 * radius
+    step = unravel(flat_step)
     new_state = QuasiNewtonState(
         pairs=store, anchor=anchor,
         window_sum=jnp.where(window_done, jnp.zeros_like(window_sum), window_sum),
         num_windows=state.num_windows + window_done.astype(jnp.int32),
         count=state.count + 1, loss=lin.loss_value.astype(jnp.float32),
-        num_skipped=state.num_skipped)
-    finite = nonfinite.all_finite(lin.loss_value, g, direction, store)
-    return nonfinite.guard(finite, step, new_state, state)
+        num_skipped=state.num_skipped, last_update=flat_step, trust_radius=radius,
+        reduction_ratio=ratio, num_rolled_back=state.num_rolled_back)
+    # The step too: at a landed point the loss can be finite and the model step not.
+    finite = nonfinite.all_finite(lin.loss_value, g, direction, store, flat_step)
+    # A batch that is not finite here but whose loss was before the last update: that update landed
+    # where the loss overflows. Reverse it and halve Δ — SQN and L-SR1 have no damping;
+    # the radius is what a refused step shrinks (with no trust region, the step after
+    # the rollback is at most half the reversed one).
+    rollback = nonfinite.Rollback(
+        due=nonfinite.rollback_due(finite, params,
+                                   lambda: unravel(state.last_update), lin.loss_at, given_gradient=given),
+        step=unravel(-state.last_update),
+        state=state._replace(
+            last_update=jnp.zeros_like(state.last_update),
+            trust_radius=0.5 * jnp.minimum(state.trust_radius,
+                                           jnp.linalg.norm(state.last_update)),
+            reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32)))
+    return nonfinite.guard(finite, step, new_state, state, rollback=rollback)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _line_model(lin, g, direction, unravel) -> quadratic.QuadraticModel:
+  """The step batch's GGN model along ``p``: ``f̂(αp) = α gᵀp + ½ α² (Jp)ᵀ H_L (Jp)``."""
+  p = unravel(direction)
+  return quadratic.build([lin.jvp(p)], [p], output_hvp=lin.output_hvp,
+                         gradient_dots=[jnp.vdot(g, direction)],
+                         damping=jnp.zeros((), direction.dtype),
+                         output_vdot=lin.output_vdot)
+
+
+def _model_minimiser(model: quadratic.QuadraticModel) -> jax.Array:
+  # minimiser() already gives 0 when pᵀCp ≤ 0 (no usable curvature); the maximum keeps
+  # an ascent direction (gᵀp > 0) from being taken backwards.
+  return jnp.maximum(quadratic.minimiser(model)[0], 0).astype(model.linear.dtype)
 
 
 def model_step_length(lin: cvp.Linearization, g: jax.Array, direction: jax.Array,
@@ -264,14 +354,7 @@ def model_step_length(lin: cvp.Linearization, g: jax.Array, direction: jax.Array
     direction: flattened descent direction ``p``.
     unravel: flat vector to parameter pytree.
   """
-  p = unravel(direction)
-  model = quadratic.build([lin.jvp(p)], [p], output_hvp=lin.output_hvp,
-                          gradient_dots=[jnp.vdot(g, direction)],
-                          damping=jnp.zeros((), direction.dtype),
-                          output_vdot=lin.output_vdot)
-  # minimiser() already gives 0 when pᵀCp ≤ 0 (no usable curvature); the maximum keeps
-  # an ascent direction (gᵀp > 0) from being taken backwards.
-  return jnp.maximum(quadratic.minimiser(model)[0], 0).astype(direction.dtype)
+  return _model_minimiser(_line_model(lin, g, direction, unravel)).astype(direction.dtype)
 
 
 def _wide(a: jax.Array) -> jax.Array:
