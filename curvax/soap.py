@@ -277,7 +277,8 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
     plist = (treedef.flatten_up_to(params) if params is not None
              else [None] * len(grads))
     count = state.count
-    wide = [_wide(m.dtype) for m in exp_avg]
+    dtypes = [m.dtype for m in exp_avg]  # the moments' own, kept in the state
+    wide = [_wide(d) for d in dtypes]
     work = [_to_work(g.astype(w), lay) for g, w, lay in zip(grads, wide, layouts)]
 
     def adam_step(operands):
@@ -358,11 +359,8 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
 
     new_state = SOAPState(
         count=optax.safe_increment(count),
-        exp_avg=treedef.unflatten([m.astype(old.dtype) for m, old in
-                                   zip(exp_avg, treedef.flatten_up_to(state.exp_avg))]),
-        exp_avg_sq=treedef.unflatten([v.astype(old.dtype) for v, old in
-                                      zip(exp_avg_sq,
-                                          treedef.flatten_up_to(state.exp_avg_sq))]),
+        exp_avg=treedef.unflatten([m.astype(d) for m, d in zip(exp_avg, dtypes)]),
+        exp_avg_sq=treedef.unflatten([v.astype(d) for v, d in zip(exp_avg_sq, dtypes)]),
         gg=treedef.unflatten(gg),
         q=treedef.unflatten(q))
     return (treedef.unflatten([u.astype(g.dtype) for u, g in zip(new_u, grads)]),
