@@ -78,7 +78,8 @@ def test_trials_are_reproducible_per_study_and_differ_between_studies():
 
 
 def test_validation_images_are_never_trained_on():
-  for name in suite.PROBLEMS:
+  # The MLP trains on the longest prefix (30 000); the CNN has its own validation size.
+  for name in ("mlp", "cnn"):
     prob = suite.problem(name)
     validation = suite.heldout(name)
     train = datasets.load_mnist("train", flatten=name != "cnn")
