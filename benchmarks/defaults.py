@@ -65,8 +65,12 @@ CANDIDATES = {
         "λ₀ = 0.01": dict(damping=0.01),
         "λ₀ = 0.001": dict(damping=0.001),
     },
-    "sqn": _QUASI_NEWTON,
-    "lsr1": _QUASI_NEWTON,
+    "sqn": {**_QUASI_NEWTON,
+            "trust region (Nocedal & Wright Alg. 6.2, as L-SR1's default)":
+                dict(trust_region=True)},
+    "lsr1": {**_QUASI_NEWTON,
+             "no trust region (the model step alone: the default before)":
+                 dict(trust_region=False)},
 }
 
 
