@@ -184,7 +184,8 @@ def test_defaults_train_where_the_fixed_unit_step_diverges():
   with jax.enable_x64(True):
     problem = ref.tiny_mlp(batch=32, seed=1, hidden=5)
     losses = lambda tx: _training_losses(problem, tx, 20, line_search=False)
-    fixed = losses(curvax.lsr1(LOSS, memory=5, step_size="fixed"))
+    # The paper's step: fixed, with no line search and no trust region.
+    fixed = losses(curvax.lsr1(LOSS, memory=5, step_size="fixed", trust_region=False))
     assert not np.all(fixed[1:] < 10 * fixed[0]), fixed
     for tx in (curvax.lsr1(LOSS, memory=5), curvax.sqn(LOSS, memory=5, pair_period=2)):
       default = losses(tx)
@@ -197,7 +198,7 @@ def test_pairs_without_curvature_are_skipped(solver):
   """A curvature batch on which the network is constant gives ``y = 0``: never stored."""
   problem = ref.tiny_mlp(jnp.float32)
   tx = getattr(curvax, solver)(LOSS, learning_rate=0.1, step_size="fixed",
-                               pair_period=1, curvature_batch=True)
+                               pair_period=1, curvature_batch=True, trust_region=False)
   flat_outputs = jnp.zeros((4, 3))
 
   @jax.jit
