@@ -57,8 +57,10 @@ workloads with ratio ≤ τ, and the score its integral over [1, r_max] divided 
 Every curvax solver runs under self-tuning (with NAdamW and SGD's defaults as
 references); KFAC, KFRA and CurveBall also under external tuning, beside the baselines.
 ``--quick`` shrinks data, models and budgets and runs 1 study × 2 trials and 1 seed:
-a smoke run (< 10 min on 2 cores) whose numbers go to ``time_to_result_quick*`` and are
-not the benchmark's result. The full run takes hours (README): split it with
+a smoke run whose numbers go to ``time_to_result_quick*`` and are not the benchmark's
+result. Its goal, < 10 min for all four workloads, is an estimate for a quiet 2-core
+machine, where a Kronecker solver compiles in ~6 s; with the 2 cores shared by ~15
+processes a KFAC step took 80–120 s to compile and the quick run 20–45 min per workload. The full run takes hours (README): split it with
 ``--workloads``/``--rulesets`` and ``--merge`` the parts into one JSON.
 """
 
