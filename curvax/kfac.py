@@ -3,7 +3,8 @@
 All three are one preconditioner over Kronecker-factored GGN blocks
 ``G̃_λ = Q̃_λ ⊗ 𝒢̃_λ`` (eq. 19–21) and differ only in the estimator of the output factor
 ``𝒢̃_λ`` (:mod:`curvax.kron.factors`): Monte-Carlo Fisher (KFAC), exact low rank (KFLR,
-eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One step:
+eq. 23–25) or the recursive approximation (KFRA, eq. 26 and Algorithm 1). One step, each
+part a named stage of :mod:`curvax.kron.stages`:
 
 1. capture the layers and linearise the network (one forward pass,
    :func:`curvax.kron.capture`); the gradient comes from the same pass;
@@ -77,14 +78,12 @@ import numpy as np
 import optax
 
 from curvax import damping as damping_lib
-from curvax import extra_args as extra_args_lib
 from curvax import kron
 from curvax import losses as losses_lib
 from curvax import nonfinite
-from curvax import quadratic
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_integer, check_positive, check_within, concrete_value,
-                                value_at)
+                                check_integer, check_positive, check_within, concrete_value)
+from curvax.kron import stages
 from curvax.kron import state as kron_state
 
 PyTree = Any
@@ -137,19 +136,6 @@ class KFACState(NamedTuple):
   num_rejected: jax.Array
 
 
-def _due(count: jax.Array, period: Any) -> Union[bool, jax.Array]:
-  """Whether a rule with this period runs at ``count`` (``count % period == 0``; a
-  period of 0 never). ``False`` (a Python bool) when that is known at trace time."""
-  known = concrete_value(period)
-  if known == 0:
-    return False
-  if known == 1:
-    return True
-  if known is not None:
-    return count % int(known) == 0
-  return (period > 0) & (count % jnp.maximum(period, 1) == 0)
-
-
 def kronecker_factored(loss: "losses_lib.Loss | str",
                        estimator: Callable[[kron.Capture, jax.Array], kron.Estimate], *,
                        name: str = "kronecker_factored",
@@ -165,14 +151,108 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                        momentum_bounds: Optional[tuple[float, float]] = (0.0, 1.0),
                        fallback: str = "diagonal",
                        max_factor_dim: Optional[int] = 4096, seed: int = 0,
-                       axis_name: Optional[str] = None
+                       axis_name: Optional[str] = None,
+                       curvature_fraction: Optional[float] = None
                        ) -> optax.GradientTransformationExtraArgs:
   """The shared optimiser behind :func:`kfac`, :func:`kflr` and :func:`kfra`.
 
   ``estimator(capture, key) -> kron.Estimate`` gives one batch's factors; see
-  :func:`kfac` for the other arguments.
+  :func:`kfac` for the other arguments. The step is the pipeline of
+  :mod:`curvax.kron.stages`.
   """
   loss = losses_lib.get(loss)
+  settings = _settings(
+      name, learning_rate=learning_rate, gamma=gamma, tau=tau, weight_decay=weight_decay,
+      factor_decay=factor_decay, factor_period=factor_period,
+      inverse_period=inverse_period, tau_period=tau_period, tau_factor=tau_factor,
+      gamma_period=gamma_period, gamma_factor=gamma_factor, min_damping=min_damping,
+      max_damping=max_damping, momentum=momentum, momentum_bounds=momentum_bounds,
+      fallback=fallback, max_factor_dim=max_factor_dim, seed=seed, axis_name=axis_name,
+      curvature_fraction=curvature_fraction)
+  representation = stages.CHOLESKY
+
+  def init_fn(params):
+    dims = max_factor_dim
+    if dims is not None:
+      dims = concrete_value(dims)
+      if dims is None:
+        raise ValueError(f"{name}: max_factor_dim sets the state's shapes and must be "
+                         "known when init runs (not traced).")
+      dims = int(dims)
+    factors, rep = representation.init(params, max_factor_dim=dims)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    # One buffer per leaf: a state donated to a jitted step may not alias a buffer.
+    zero = lambda: jnp.zeros((), jnp.int32)
+    return KFACState(
+        factors=factors, inverse=rep,
+        velocity=optax.tree.zeros_like(params) if momentum else None,
+        gamma=f32(gamma), tau=f32(tau), count=zero(), loss=f32(jnp.nan),
+        alpha=f32(0.0), mu=f32(0.0), reduction_ratio=f32(jnp.nan),
+        num_skipped=zero(), num_rejected=zero())
+
+  def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
+                linearization=None, curvature_predict_fn=None, curvature_targets=None,
+                **extra_args):
+    del extra_args  # Other transforms' arguments in an optax.chain.
+    if params is None:
+      raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
+                       "params, predict_fn=..., targets=...).")
+    ctx = stages.make_context(settings, loss, state.factors, state.count, updates, params,
+                              predict_fn=predict_fn, targets=targets,
+                              linearization=linearization,
+                              curvature_predict_fn=curvature_predict_fn,
+                              curvature_targets=curvature_targets)
+    factors, accept = stages.estimate_factors(ctx, settings, estimator, state.factors)
+    tau_now = state.tau.astype(ctx.dtype)
+    model_damping = tau_now + ctx.decay
+    moment = stages.momentum_terms(ctx, state.velocity) if momentum else None
+    chosen = stages.choose_gamma(ctx, settings, representation, factors, state.inverse,
+                                 state.gamma.astype(ctx.dtype), moment, model_damping)
+    rate = ctx.at_count(learning_rate)
+    # The step in the parameters' dtypes (the coefficients are float32 or wider).
+    step = jax.tree.map(lambda s, p: (rate * s).astype(p.dtype), chosen.step, params)
+    new_tau, ratio, taken = stages.tau_rule(ctx, settings, state.reduction_ratio, step,
+                                            rate * chosen.image, model_damping, tau_now)
+    return _finish(state, ctx, factors, accept, chosen, step, new_tau, ratio, taken,
+                   momentum=momentum)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stages.Candidate,
+            step, new_tau, ratio, taken, *, momentum: bool):
+  """Stage 7: the next state, and the non-finite guard over step and state."""
+  # The representation needs no check of its own: a non-finite entry makes the step
+  # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
+  finite = accept & nonfinite.all_finite(step, chosen.alpha, chosen.mu)
+  velocity = step if momentum else None
+  num_rejected = state.num_rejected
+  if taken is not True:  # the τ rule may reject the step: see KFACState
+    step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
+    if momentum:
+      velocity = optax.tree.where(taken, velocity, state.velocity)
+    num_rejected = num_rejected + jnp.where(taken, 0, 1).astype(num_rejected.dtype)
+  f32 = lambda v: v.astype(jnp.float32)
+  new_state = KFACState(
+      factors=factors, inverse=chosen.representation, velocity=velocity,
+      gamma=f32(chosen.gamma), tau=f32(new_tau), count=state.count + 1,
+      loss=f32(ctx.loss_value), alpha=f32(chosen.alpha), mu=f32(chosen.mu),
+      reduction_ratio=f32(ratio), num_skipped=state.num_skipped,
+      num_rejected=num_rejected)
+  # Neither the factors (gated in estimate_factors) nor the representation need the
+  # guard's select: a skipped batch leaves the count unchanged, so the next step
+  # refreshes the representation (and reruns the γ rule) before it is used again; a
+  # stored representation is only read after the refresh step that wrote it was taken.
+  return nonfinite.guard(finite, step, new_state, state,
+                         unguarded=("factors", "inverse"))
+
+
+def _settings(name: str, *, learning_rate, gamma, tau, weight_decay, factor_decay,
+              factor_period, inverse_period, tau_period, tau_factor, gamma_period,
+              gamma_factor, min_damping, max_damping, momentum, momentum_bounds, fallback,
+              max_factor_dim, seed, axis_name, curvature_fraction) -> stages.Settings:
+  """Validates :func:`kronecker_factored`'s arguments (clear errors at build time, for
+  every value known then) into :class:`curvax.kron.stages.Settings`."""
   label = lambda arg: f"{name}: {arg}"
   check_positive(label("learning_rate"), learning_rate, schedule=True)
   check_positive(label("gamma"), gamma)
@@ -207,218 +287,26 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     # Only init reads it (the update reads the slots from the state's shapes), so an
     # injected, traced value is fine there.
     check_integer(f"{name}: max_factor_dim", max_factor_dim, 2)
-  # A weight decay known to be 0 drops its terms from the step; any other (an array, a
-  # schedule, a traced value) keeps them.
-  decays = concrete_value(weight_decay) != 0
-
-  def init_fn(params):
-    dims = max_factor_dim
-    if dims is not None:
-      dims = concrete_value(dims)
-      if dims is None:
-        raise ValueError(f"{name}: max_factor_dim sets the state's shapes and must be "
-                         "known when init runs (not traced).")
-      dims = int(dims)
-    factors, inverse = kron_state.init(params, max_factor_dim=dims)
-    f32 = lambda v: jnp.asarray(v, jnp.float32)
-    # One buffer per leaf: a state donated to a jitted step may not alias a buffer.
-    zero = lambda: jnp.zeros((), jnp.int32)
-    return KFACState(
-        factors=factors, inverse=inverse,
-        velocity=optax.tree.zeros_like(params) if momentum else None,
-        gamma=f32(gamma), tau=f32(tau), count=zero(), loss=f32(jnp.nan),
-        alpha=f32(0.0), mu=f32(0.0), reduction_ratio=f32(jnp.nan),
-        num_skipped=zero(), num_rejected=zero())
-
-  def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
-                linearization=None, **extra_args):
-    del extra_args  # Other transforms' arguments in an optax.chain.
-    if params is None:
-      raise ValueError(f"{name}: params are required: call tx.update(updates, state, "
-                       "params, predict_fn=..., targets=...).")
-    given = extra_args_lib.given_gradient(name, updates, params)
-    # The capture runs the network itself; a passed-in linearisation supplies the model.
-    predict, targets = extra_args_lib.model_from(
-        name, predict_fn=predict_fn, targets=targets, linearization=linearization,
-        axis_name=axis_name)
-    cap = kron.capture(predict, params, loss=loss, targets=targets,
-                       slots=kron_state.slots(state.factors),
-                       full_slots=kron_state.full_slots(state.factors), solver=name,
-                       axis_name=axis_name)
-    lin = cap.lin
-    # Scalars in at least float32: the damping bounds (1e-8, 1e8) do not exist in
-    # float16, and the state keeps them in float32.
-    dtype = jnp.promote_types(lin.loss_value.dtype, jnp.float32)
-    at_count = lambda value: jnp.asarray(value_at(value, state.count), dtype)
-    decay_now = at_count(weight_decay) if decays else 0.0
-    low_now, high_now = at_count(min_damping), at_count(max_damping)
-    grad = cap.grad() if given is None else given
-    if decays:
-      grad = jax.tree.map(lambda g, p: (g + decay_now * p).astype(g.dtype), grad, params)
-
-    # Factors: this batch's estimate and the moving averages.
-    def estimated():
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-      estimate = estimator(cap, key)
-      # A non-finite batch leaves the factors as they were (decided inside the averaging
-      # pass, so the final guard need not select over them again).
-      accept = jnp.isfinite(lin.loss_value) & kron_state.estimate_finite(estimate)
-      return kron_state.update(state.factors, estimate, cap,
-                               decay=value_at(factor_decay, state.count),
-                               first=state.count == 0, accept=accept), accept
-
-    # Between factor updates the estimator's passes (KFAC's sampled backward, the factor
-    # products) are skipped at run time: lax.cond executes one branch.
-    estimate_now = _due(state.count, factor_period)
-    if estimate_now is True:
-      factors, accept = estimated()
-    else:
-      factors, accept = jax.lax.cond(
-          estimate_now, estimated,
-          lambda: (state.factors, jnp.isfinite(lin.loss_value)))
-    invert = lambda gamma_value: kron_state.invert(factors, state.inverse, cap,
-                                                   gamma_value + decay_now)
-
-    tau_now = state.tau.astype(dtype)
-    model_damping = tau_now + decay_now
-    if momentum:
-      velocity = jax.tree.map(lambda v, p: v.astype(p.dtype), state.velocity, params)
-      j_velocity = cap.jvp(velocity)
-
-    def candidate(gamma_value, inverse):
-      """δ* for one γ: direction, its J-image, coefficients and model value."""
-      direction = kron_state.precondition(cap, grad, factors, inverse,
-                                          gamma_value + decay_now, fallback=fallback)
-      directions, images = [direction], [cap.jvp(direction)]
-      if momentum:
-        directions.append(velocity)
-        images.append(j_velocity)
-      model = quadratic.build(images, directions, output_hvp=lin.output_hvp,
-                              gradient_dots=[optax.tree.vdot(grad, d) for d in directions],
-                              damping=model_damping, output_vdot=lin.output_vdot)
-      coefficients = (quadratic.minimiser_bounded(model, 1, *momentum_bounds)
-                      if momentum and momentum_bounds is not None
-                      else quadratic.minimiser(model))
-      value = quadratic.predicted_change(model, coefficients, damped=True)
-      step = optax.tree.scale(coefficients[0], direction)
-      image = coefficients[0] * images[0]
-      if momentum:
-        step = optax.tree.add_scale(step, coefficients[1], velocity)
-        image = image + coefficients[1] * images[1]
-      mu = coefficients[1] if momentum else jnp.zeros((), dtype)
-      return step, image, coefficients[0], mu, value
-
-    gamma_now = state.gamma.astype(dtype)
-    refresh = _due(state.count, inverse_period)
-    due = _due(state.count, gamma_period)  # with the inverse refreshes (see above)
-
-    def evaluate(gamma_value, fresh):
-      """``candidate`` for one γ with inverses made for it (``fresh``) or the stored."""
-      if fresh is False:
-        inverse = state.inverse
-      elif fresh is True:
-        inverse = invert(gamma_value)
-      else:
-        inverse = jax.lax.cond(fresh, lambda: invert(gamma_value), lambda: state.inverse)
-      return (*candidate(gamma_value, inverse), gamma_value, inverse)
-
-    if due is False:
-      step, image, alpha, mu, value, new_gamma, inverse = evaluate(gamma_now, refresh)
-    else:
-      # γ-rule steps (App. C.3.2): the γ among {ω_γγ, γ, γ/ω_γ} whose δ* minimises f̂,
-      # each with fresh inverses; other steps: the current γ alone, its inverses
-      # refreshed every ``inverse_period`` steps. One loop over the candidates (not a
-      # Python loop, nor a cond between the rule and the plain step) puts ONE inverse set
-      # and one candidate in the program instead of four: a quarter of the code for XLA
-      # to compile. (Not jax.vmap: batched Cholesky inside lax.cond hung XLA:CPU.)
-      gammas = jnp.where(due, damping_lib.gamma_candidates(
-          gamma_now, jnp.asarray(gamma_factor, dtype), min_gamma=low_now,
-          max_gamma=high_now), gamma_now)
-      fresh = due | refresh
-      first = jnp.where(due, 0, 1)
-
-      def better(i, best):
-        result = evaluate(gammas[i], fresh)
-        # damping_lib.best_candidate's choice, one candidate at a time: the lowest
-        # finite model value, the first on ties, the first if none is finite.
-        value = jnp.where(jnp.isfinite(result[4]), result[4], jnp.inf)
-        take = (i == first) | (value < best[0])
-        return optax.tree.where(take, (value, result), best)
-
-      shapes = jax.eval_shape(lambda: evaluate(gamma_now, fresh))
-      start = (jnp.asarray(jnp.inf, shapes[4].dtype), optax.tree.zeros_like(shapes))
-      _, (step, image, alpha, mu, value, new_gamma, inverse) = jax.lax.fori_loop(
-          first, jnp.where(due, 3, 2), better, start)
-
-    rate = at_count(learning_rate)
-    # The step in the parameters' dtypes (the coefficients are float32 or wider).
-    step = jax.tree.map(lambda s, p: (rate * s).astype(p.dtype), step, params)
-    image = rate * image
-    new_tau, ratio, taken = _tau_rule(state, lin, predict, targets, params, grad, step,
-                                      image, model_damping, tau_now, decay_now,
-                                      (low_now, high_now))
-    # The inverses need no check of their own: a non-finite entry makes the step
-    # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
-    finite = accept & nonfinite.all_finite(step, alpha, mu)
-    velocity = step if momentum else None
-    num_rejected = state.num_rejected
-    if taken is not True:  # the τ rule may reject the step: see KFACState
-      step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
-      if momentum:
-        velocity = optax.tree.where(taken, velocity, state.velocity)
-      num_rejected = num_rejected + jnp.where(taken, 0, 1).astype(num_rejected.dtype)
-    new_state = KFACState(
-        factors=factors, inverse=inverse, velocity=velocity,
-        gamma=new_gamma.astype(jnp.float32), tau=new_tau.astype(jnp.float32),
-        count=state.count + 1, loss=lin.loss_value.astype(jnp.float32),
-        alpha=alpha.astype(jnp.float32), mu=mu.astype(jnp.float32),
-        reduction_ratio=ratio.astype(jnp.float32), num_skipped=state.num_skipped,
-        num_rejected=num_rejected)
-    # Neither the factors (gated above) nor the inverses need the guard's select: a
-    # skipped batch leaves the count unchanged, so the next step refreshes the inverses
-    # (and reruns the γ rule) before they are used again; stored inverses are only
-    # read after the refresh step that wrote them was taken.
-    return nonfinite.guard(finite, step, new_state, state,
-                           unguarded=("factors", "inverse"))
-
-  def _objective(value, params, decay):
-    if not decays:
-      return value
-    return value + 0.5 * decay * optax.tree.norm(params, squared=True)
-
-  def _tau_rule(state, lin, predict, targets, params, grad, step, image, model_damping,
-                tau_now, decay, bounds):
-    """App. C.3.1 every ``tau_period`` steps: ρ (eq. 42) and the LM update of τ.
-
-    Returns ``(τ, ρ, taken)``: ``taken`` is false when the loss at ``θ + δ*`` is not
-    finite; the step is then rejected and ``τ`` grows as for ``ρ < 0.75`` (``ρ = −∞``).
-    """
-    due = _due(state.count + 1, tau_period)
-    if due is False:
-      return tau_now, state.reduction_ratio, True
-
-    def evaluate():
-      predicted = (optax.tree.vdot(grad, step)
-                   + 0.5 * (lin.output_vdot(image, lin.output_hvp(image))
-                            + model_damping * optax.tree.norm(step, squared=True)))
-      new_params = optax.tree.add(params, step)
-      trial = lin.batch_mean(lin.loss.value(predict(new_params), targets))
-      new_value = _objective(trial, new_params, decay)
-      actual = new_value - _objective(lin.loss_value, params, decay)
-      taken = jnp.isfinite(new_value)
-      # A NaN ratio would leave τ unchanged: a non-finite trial loss counts as ρ = −∞.
-      ratio = jnp.where(taken, quadratic.reduction_ratio(actual, predicted), -jnp.inf)
-      new_tau = damping_lib.tau_rule(tau_now, ratio,
-                                     factor=jnp.asarray(tau_factor, tau_now.dtype),
-                                     min_tau=bounds[0], max_tau=bounds[1])
-      return new_tau.astype(tau_now.dtype), ratio.astype(jnp.float32), taken
-
-    def keep():
-      return tau_now, state.reduction_ratio, jnp.asarray(True)
-
-    return jax.lax.cond(due, evaluate, keep)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  if curvature_fraction is None:
+    curvature_fraction = 1.0
+  if isinstance(curvature_fraction, jax.core.Tracer):
+    raise ValueError(f"{name}: curvature_fraction sets the sub-batch's shape and cannot "
+                     "be traced; with optax.inject_hyperparams pass "
+                     "static_args='curvature_fraction'.")
+  fraction = concrete_value(curvature_fraction)
+  if fraction is None or not 0 < fraction <= 1:
+    raise ValueError(f"{name}: curvature_fraction must lie in (0, 1], got "
+                     f"{curvature_fraction!r}.")
+  return stages.Settings(
+      name=name, learning_rate=learning_rate, weight_decay=weight_decay,
+      # A weight decay known to be 0 drops its terms from the step; any other (an
+      # array, a schedule, a traced value) keeps them.
+      decays=concrete_value(weight_decay) != 0, factor_decay=factor_decay,
+      factor_period=factor_period, inverse_period=inverse_period, tau_period=tau_period,
+      tau_factor=tau_factor, gamma_period=gamma_period, gamma_factor=gamma_factor,
+      min_damping=min_damping, max_damping=max_damping, momentum=momentum,
+      momentum_bounds=momentum_bounds, fallback=fallback, seed=seed, axis_name=axis_name,
+      curvature_fraction=float(fraction))
 
 
 _COMMON_ARGS = """
@@ -465,6 +353,17 @@ _COMMON_ARGS = """
       and inverse; ``8d²`` for a LayerNorm's joint scale-offset block). ``None``: no
       bound.
     seed: PRNG seed of the estimator's random numbers (folded with the step count).
+    curvature_fraction: estimate the curvature on the first ``⌈f·B⌉`` examples of the
+      batch (tensorflow/kfac sub-samples 20 %; Martens' HF takes its curvature on a
+      smaller batch than its gradient): the factors (KFAC's sampled backward pass
+      included), the J-products of the α/μ model and the γ rule, and the τ rule's ρ
+      (its trial loss and model change on the same examples); the gradient stays the
+      whole batch's. The network runs twice — on the sub-batch, linearised with its
+      layers captured, and on the batch for ``value_and_grad``. Flax linen models only
+      (the root module's batch-major inputs are cut); otherwise pass the sub-batch as
+      ``curvature_predict_fn=`` / ``curvature_targets=`` extra arguments to ``update``
+      (which also work with a fraction of 1). ``None``: 1, the whole batch (not a
+      number by default, so that ``optax.inject_hyperparams`` leaves it static).
     axis_name: data-parallel axis (``shard_map`` / ``pmap``) the batch is split over,
       evenly: the gradient, the factors (each an average over examples), the quadratic
       model and ρ are averaged over it (:meth:`curvax.Linearization.batch_mean`), so

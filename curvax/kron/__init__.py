@@ -14,7 +14,10 @@ The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curva
   (:mod:`curvax.kron.full_blocks`); what has neither gets a diagonal fallback, named in
   a warning;
 * :mod:`curvax.kron.state` keeps their moving averages and damped inverses and
-  applies the factored-damping preconditioner (:mod:`curvax.kron.inverse`).
+  applies the factored-damping preconditioner (:mod:`curvax.kron.inverse`);
+* :mod:`curvax.kron.stages` is one step of those solvers as named stages (estimate →
+  represent → precondition → α/μ model and γ rule → τ rule → guard), with the factors'
+  representation one pluggable piece.
 """
 
 from curvax.kron import capture as capture_lib
@@ -22,6 +25,7 @@ from curvax.kron import factors
 from curvax.kron import full_blocks
 from curvax.kron import inverse
 from curvax.kron import state
+from curvax.kron import stages
 from curvax.kron.capture import Block, Capture, LayerCall, capture, conv_patches, dense
 from curvax.kron.factors import Estimate, chain_activations
 from curvax.kron.full_blocks import FullBlock
@@ -31,7 +35,7 @@ from curvax.kron.factors import kfra as kfra_factors
 from curvax.kron.inverse import damped_inverses, damped_kron_inverse, factored_inverse
 
 __all__ = [
-    "capture_lib", "factors", "full_blocks", "inverse", "state", "FullBlock",
+    "capture_lib", "factors", "full_blocks", "inverse", "state", "stages", "FullBlock",
     "Block", "Capture", "LayerCall", "capture", "conv_patches", "dense",
     "Estimate", "chain_activations", "kfac_factors", "kflr_factors", "kfra_factors",
     "damped_inverses", "damped_kron_inverse", "factored_inverse",

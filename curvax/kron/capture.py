@@ -190,7 +190,10 @@ def _active_recorder():
 class _Recorder:
   """Collects layer calls while ``predict_fn`` runs; adds the perturbations."""
 
-  def __init__(self, leaves: Sequence[Any], perturbations=None):
+  def __init__(self, leaves: Sequence[Any], perturbations=None,
+               rows: Optional[int] = None):
+    self.rows = rows  # run the network on the first ``rows`` examples (see capture)
+    self.sliced = False
     self.ids: dict[int, int] = {}
     self.duplicated: set[int] = set()
     for i, leaf in enumerate(leaves):
@@ -274,6 +277,11 @@ class _Recorder:
 
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
+    if self.rows is not None and _is_root(module):
+      # Outermost interceptor: every layer below (a root that is itself a layer too)
+      # sees the sub-batch.
+      args, kwargs = first_rows((args, kwargs), self.rows)
+      self.sliced = True
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense", nn.Conv: "conv",
             nn.Embed: "embed", nn.LayerNorm: "norm", nn.RMSNorm: "norm"}.get(type(module))
     if kind is None:
@@ -333,6 +341,33 @@ class _Recorder:
     scale = module.get_variable("params", "scale") if module.use_scale else None
     bias = module.get_variable("params", "bias") if use_bias else None
     return self.record_norm(name, x_hat, out, scale, bias)
+
+
+def _is_root(module: nn.Module) -> bool:
+  """Whether ``module`` is the model ``apply`` was called on (not a submodule)."""
+  return not isinstance(module.parent, nn.Module)
+
+
+def first_rows(tree: Any, rows: int) -> Any:
+  """Every array of ``tree`` with an axis, cut to its first ``rows`` entries (idempotent:
+  a cut array is left as it is)."""
+  return jax.tree.map(lambda a: a[:rows] if jnp.ndim(a) >= 1 else a, tree)
+
+
+def on_first_rows(predict_fn: Callable[[PyTree], Array], rows: int
+                  ) -> Callable[[PyTree], Array]:
+  """``predict_fn`` run on the first ``rows`` examples of its batch: the array arguments
+  of the root Flax linen module's calls (batch-major, as ``model.apply(p, x)`` passes
+  them) are cut to their first ``rows`` entries before the network runs."""
+  def intercept(next_fun, args, kwargs, context):
+    if _is_root(context.module):
+      args, kwargs = first_rows((args, kwargs), rows)
+    return next_fun(*args, **kwargs)
+
+  def run(params):
+    with nn.intercept_methods(intercept):
+      return predict_fn(params)
+  return run
 
 
 _NOT_A_LEAF = ("its kernel or bias is not a leaf of the params given to predict_fn (a "
@@ -706,7 +741,8 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
             max_factor_dim: Optional[int] = None, solver: str = "curvax.kron",
             warn: bool = True, axis_name: Optional[str] = None,
             slots: Optional[Sequence[Optional[Slot]]] = None,
-            full_slots: Optional[Sequence[Optional[int]]] = None) -> Capture:
+            full_slots: Optional[Sequence[Optional[int]]] = None,
+            rows: Optional[int] = None) -> Capture:
   """Runs ``predict_fn(params)`` once with its layers captured and linearised.
 
   Args:
@@ -727,6 +763,10 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
     full_slots: with ``slots``, per leaf, the size of the full block reserved in the
       optimiser state at that leaf, or ``None`` (see :func:`full_slots`; ``None``: no
       full blocks).
+    rows: run the network on the first ``rows`` examples of its batch only (a
+      curvature sub-batch): the array arguments of the root Flax linen module's calls
+      and ``targets`` are cut to their first ``rows`` entries
+      (:func:`on_first_rows`). Needs a linen model called on batch-major arrays.
 
   Raises:
     ValueError: when no layer is found.
@@ -740,14 +780,17 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   found: list[_Recorder] = []
 
   def discover(p):
-    recorder = _Recorder(jax.tree.leaves(p))
+    recorder = _Recorder(jax.tree.leaves(p), rows=rows)
     with recorder.active():
       out = predict_fn(p)
     found.append(recorder)
     return out
 
-  jax.eval_shape(discover, params)
+  out_shape = jax.eval_shape(discover, params)
   discovered = found[0]
+  if rows is not None:
+    _check_rows(solver, discovered, out_shape, rows)
+    targets = first_rows(targets, rows)
   calls = tuple(discovered.calls)
   if slots is None:
     kernel_slots = leaf_slots(params, max_factor_dim)
@@ -784,7 +827,7 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
 
   def run(params_and_perturbations):
     p, perturbations = params_and_perturbations
-    recorder = _Recorder(jax.tree.leaves(p), perturbations)
+    recorder = _Recorder(jax.tree.leaves(p), perturbations, rows=rows)
     with recorder.active():
       out = predict_fn(p)
     if tuple(recorder.calls) != calls:
@@ -796,8 +839,26 @@ def capture(predict_fn: Callable[[PyTree], Array], params: PyTree, *,
   lin = cvp.linearize(run, (params, zeros), loss=loss, targets=targets, has_aux=True,
                        axis_name=axis_name)
   inputs, outputs = lin.aux
+  if rows is not None:
+    predict_fn = on_first_rows(predict_fn, rows)
   return Capture(lin, params, calls, blocks, fallback, inputs, outputs, zeros, leaf_names,
                  predict_fn, full)
+
+
+def _check_rows(solver: str, recorder: _Recorder, out_shape, rows: int) -> None:
+  """A sub-batch needs a linen root module whose outputs follow its cut inputs."""
+  if not recorder.sliced:
+    raise ValueError(
+        f"{solver}: curvature_fraction < 1 runs the network on part of the batch by "
+        "cutting the inputs of the root Flax linen module, and predict_fn called none "
+        "(pure JAX or flax.nnx): pass the curvature sub-batch yourself as "
+        "curvature_predict_fn=/curvature_targets= extra arguments.")
+  leading = [s.shape[0] for s in jax.tree.leaves(out_shape) if len(s.shape)]
+  if any(n != rows for n in leading):
+    raise ValueError(
+        f"{solver}: with the root module's inputs cut to their first {rows} rows the "
+        f"network returned {leading[0] if leading else 'no'} rows; curvature_fraction "
+        "needs a model whose outputs are batch-major in its batch-major inputs.")
 
 
 def _float_dtype(leaf):
