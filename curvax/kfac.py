@@ -96,8 +96,9 @@ class KFACState(NamedTuple):
     factors: moving averages of ``Q̃``, ``𝒢̃`` and the fallback diagonals, per leaf.
     inverse: the damped inverses of the factors for the current ``γ``, refreshed
       every ``inverse_period`` steps and on γ-rule steps.
-    velocity: the last step applied to the parameters (``momentum=True``; ``None``
-      otherwise), in the parameters' dtypes.
+    velocity: the last step applied to the parameters, in the parameters' dtypes
+      (zero at ``init`` and after a rollback): ``δ_prev`` of the momentum term
+      (``momentum=True``) and what a rollback reverses.
     gamma: ``γ``, the damping of the approximate curvature (App. C.3.2).
     tau: ``τ``, the damping of the full-GGN quadratic model (App. C.3.1).
     count: batches processed (finite batches only); the periodic rules and the
@@ -121,6 +122,12 @@ class KFACState(NamedTuple):
       momentum direction); everything else — the count, the factors (the batch was
       finite), the inverses, ``γ`` (chosen on the quadratic model, which was finite),
       ``loss``, ``alpha`` and ``mu`` — advances as on an accepted step.
+    num_rolled_back: batches not finite at the current parameters whose loss and
+      gradient were finite before the last applied step (``velocity``): that step
+      landed where the loss overflows, so the update returned is ``−velocity``, ``τ``
+      grows as for a rejected step, ``velocity`` is cleared (so a second consecutive
+      non-finite batch is skipped) and everything else stays as it was
+      (:mod:`curvax.nonfinite`).
   """
   factors: kron_state.Factors
   inverse: kron_state.Inverse
@@ -134,6 +141,7 @@ class KFACState(NamedTuple):
   reduction_ratio: jax.Array
   num_skipped: jax.Array
   num_rejected: jax.Array
+  num_rolled_back: jax.Array
 
 
 def kronecker_factored(loss: "losses_lib.Loss | str",
@@ -185,10 +193,10 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     zero = lambda: jnp.zeros((), jnp.int32)
     return KFACState(
         factors=factors, inverse=rep,
-        velocity=optax.tree.zeros_like(params) if momentum else None,
+        velocity=optax.tree.zeros_like(params),
         gamma=f32(gamma), tau=f32(tau), count=zero(), loss=f32(jnp.nan),
         alpha=f32(0.0), mu=f32(0.0), reduction_ratio=f32(jnp.nan),
-        num_skipped=zero(), num_rejected=zero())
+        num_skipped=zero(), num_rejected=zero(), num_rolled_back=zero())
 
   def update_fn(updates, state, params=None, *, predict_fn=None, targets=None,
                 linearization=None, curvature_predict_fn=None, curvature_targets=None,
@@ -214,23 +222,23 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     new_tau, ratio, taken = stages.tau_rule(ctx, settings, state.reduction_ratio, step,
                                             rate * chosen.image, model_damping, tau_now)
     return _finish(state, ctx, factors, accept, chosen, step, new_tau, ratio, taken,
-                   momentum=momentum)
+                   settings)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stages.Candidate,
-            step, new_tau, ratio, taken, *, momentum: bool):
-  """Stage 7: the next state, and the non-finite guard over step and state."""
+            step, new_tau, ratio, taken, settings: stages.Settings):
+  """Stage 7: the next state, and the non-finite guard over step and state (a skip,
+  or the rollback of a landing: see :class:`KFACState`)."""
   # The representation needs no check of its own: a non-finite entry makes the step
   # non-finite (every entry multiplies the gradient block, and NaN·0 = NaN).
   finite = accept & nonfinite.all_finite(step, chosen.alpha, chosen.mu)
-  velocity = step if momentum else None
+  velocity = step
   num_rejected = state.num_rejected
   if taken is not True:  # the τ rule may reject the step: see KFACState
     step = optax.tree.where(taken, step, optax.tree.zeros_like(step))
-    if momentum:
-      velocity = optax.tree.where(taken, velocity, state.velocity)
+    velocity = optax.tree.where(taken, velocity, state.velocity)
     num_rejected = num_rejected + jnp.where(taken, 0, 1).astype(num_rejected.dtype)
   f32 = lambda v: v.astype(jnp.float32)
   new_state = KFACState(
@@ -238,13 +246,22 @@ def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stag
       gamma=f32(chosen.gamma), tau=f32(new_tau), count=state.count + 1,
       loss=f32(ctx.loss_value), alpha=f32(chosen.alpha), mu=f32(chosen.mu),
       reduction_ratio=f32(ratio), num_skipped=state.num_skipped,
-      num_rejected=num_rejected)
+      num_rejected=num_rejected, num_rolled_back=state.num_rolled_back)
   # Neither the factors (gated in estimate_factors) nor the representation need the
   # guard's select: a skipped batch leaves the count unchanged, so the next step
   # refreshes the representation (and reruns the γ rule) before it is used again; a
   # stored representation is only read after the refresh step that wrote it was taken.
+  low, high = ctx.bounds
+  raised = damping_lib.tau_rule(
+      state.tau.astype(ctx.dtype), jnp.asarray(-jnp.inf, ctx.dtype),
+      factor=jnp.asarray(settings.tau_factor, ctx.dtype), min_tau=low, max_tau=high)
+  undo = nonfinite.Rollback(
+      due=nonfinite.rollback_due(finite, ctx.params, state.velocity, ctx.loss_at),
+      step=nonfinite.reverse(state.velocity),
+      state=state._replace(tau=f32(raised),
+                           velocity=optax.tree.zeros_like(state.velocity)))
   return nonfinite.guard(finite, step, new_state, state,
-                         unguarded=("factors", "inverse"))
+                         unguarded=("factors", "inverse"), rollback=undo)
 
 
 def _settings(name: str, *, learning_rate, gamma, tau, weight_decay, factor_decay,

@@ -31,7 +31,7 @@ def init_params():
 def predict(params, x):
   last = len(WIDTHS) - 2
   for i in range(last + 1):
-    x = x @ params[f"w{i}"]
+    x = curvax.kron.dense(x, params[f"w{i}"])  # x @ w; a Kronecker layer for KFAC
     x = jax.nn.relu(x) if i < last else x
   return x
 
@@ -60,6 +60,10 @@ SOLVERS = {
     "lsr1": lambda lr=1.0: curvax.lsr1(LOSS, learning_rate=lr),
     "lsr1/no trust region": lambda lr=1.0: curvax.lsr1(LOSS, learning_rate=lr,
                                                        trust_region=False),
+    "kfac": lambda lr=1.0: curvax.kfac(LOSS, learning_rate=lr),
+    "kflr": lambda lr=1.0: curvax.kflr(LOSS, learning_rate=lr, momentum=False),
+    # Without the τ rule nothing checks the trial point, so the spike lands.
+    "kfac/no tau rule": lambda lr=1.0: curvax.kfac(LOSS, learning_rate=lr, tau_period=0),
 }
 
 
@@ -74,6 +78,8 @@ def make_step(tx):
 
 def damping_of(state):
   """The quantity a rollback raises (λ) or, for the quasi-Newton solvers, shrinks (Δ)."""
+  if hasattr(state, "tau"):  # KFAC / KFLR: τ of the full-GGN model
+    return float(state.tau)
   return float(state.trust_radius if hasattr(state, "trust_radius") else state.damping)
 
 
@@ -81,12 +87,15 @@ def with_last_update(state, update):
   """``state`` recording ``update`` as the last update the solver applied."""
   if hasattr(state, "last_step_scale"):  # CurveBall: α z
     return state._replace(z=update, last_step_scale=jnp.ones((), jnp.float32))
+  if hasattr(state, "velocity"):  # KFAC / KFLR: the last step applied
+    return state._replace(velocity=update)
   if hasattr(state, "trust_radius"):  # SQN / L-SR1: flattened, in float32
     return state._replace(last_update=ravel_pytree(update)[0])
   return state._replace(last_update=update)
 
 
-@pytest.mark.parametrize("name", ["curveball", "sqn", "lsr1/no trust region"])
+@pytest.mark.parametrize("name", ["curveball", "sqn", "lsr1/no trust region",
+                                  "kfac/no tau rule"])
 def test_a_learning_rate_spike_is_rolled_back_and_training_recovers(name):
   step = make_step(tx := SOLVERS[name](spiked))
   params, state = init_params(), tx.init(init_params())

@@ -108,6 +108,11 @@ class Context(NamedTuple):
     """The linearisation on the curvature batch."""
     return self.capture.lin
 
+  def loss_at(self, params: PyTree) -> jax.Array:
+    """The loss at other ``params`` on the curvature batch (one forward pass)."""
+    lin = self.lin
+    return lin.batch_mean(lin.loss.value(self.predict(params), self.targets))
+
   def loss_finite(self) -> jax.Array:
     if not self.sub_batch:
       return jnp.isfinite(self.loss_value)
@@ -373,7 +378,7 @@ def tau_rule(ctx: Context, settings: Settings, previous_ratio: jax.Array, step: 
                  + 0.5 * (lin.output_vdot(image, lin.output_hvp(image))
                           + model_damping * optax.tree.norm(step, squared=True)))
     new_params = optax.tree.add(params, step)
-    trial = lin.batch_mean(lin.loss.value(ctx.predict(new_params), ctx.targets))
+    trial = ctx.loss_at(new_params)
     new_value = objective(settings, trial, new_params, ctx.decay)
     actual = new_value - objective(settings, lin.loss_value, params, ctx.decay)
     taken = jnp.isfinite(new_value)
