@@ -80,6 +80,10 @@ class Loss:
     if outputs.ndim == 0:
       raise ValueError(
           f"{self.name}: outputs must have a batch axis 0, got a scalar.")
+    if outputs.shape[0] == 0:
+      # Before any solver reshapes per-example rows (a zero-size reshape with -1 fails
+      # with an unrelated ZeroDivisionError) or averages over none (NaN).
+      raise ValueError(f"{self.name}: the batch is empty (batch axis 0 has size 0).")
     if not jnp.issubdtype(outputs.dtype, jnp.floating):
       raise TypeError(
           f"{self.name}: outputs must be floating point, got dtype {outputs.dtype}.")

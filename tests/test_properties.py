@@ -355,16 +355,6 @@ def test_fuzzed_bad_inputs_are_clear_errors_or_counted_skips(name, case):
   check_bad_input(name, case)
 
 
-# The Kronecker family fails while tracing an empty batch, but with errors that do not
-# say so: KFAC and KFLR "ZeroDivisionError: integer modulo by zero" (a reshape with -1
-# of a zero-size array in kron.capture's sensitivity_rows), KFRA "ValueError: zero-size
-# array to reduction operation maximum". strict: the marker goes once that is fixed.
-EMPTY_BATCH_BUG = pytest.mark.xfail(
-    strict=True, reason="issue 23: the Kronecker solvers' error on an empty batch is unclear")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=EMPTY_BATCH_BUG) if name in ("kfac", "kflr", "kfra") else name
-    for name in rel.SOLVERS])
+@pytest.mark.parametrize("name", list(rel.SOLVERS))
 def test_an_empty_batch_is_a_clear_error_or_a_counted_skip(name):
   check_bad_input(name, "empty batch")
