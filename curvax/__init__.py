@@ -1,5 +1,7 @@
 """curvax: second-order optimisers for JAX as optax transforms, on one CVP module."""
 
+import importlib.metadata as _metadata
+
 from curvax import averaging
 from curvax import cg
 from curvax import cvp
@@ -18,6 +20,7 @@ from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
 from curvax.soap import SOAPState, soap
 
 __all__ = [
+    "__version__",
     "averaging", "cg", "cvp", "damping", "kron", "losses", "pairs", "quadratic",
     "Linearization", "linearize", "sharpness", "top_eigenvalue", "objective",
     "without_weak_types",
@@ -29,4 +32,8 @@ __all__ = [
     "SOAPState", "soap",
 ]
 
-__version__ = "0.1.0"
+# The version lives in pyproject.toml alone; the installed metadata carries it here.
+try:
+  __version__ = _metadata.version("curvax")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+  __version__ = "0+unknown"
