@@ -33,9 +33,12 @@ def _problem():
 
 
 def _one_step(tx, params, predict, y, **extra):
-  state = tx.init(params)
-  updates, state = tx.update(None, state, params, predict_fn=predict, targets=y, **extra)
-  return updates, state
+  # One compiled program: op-by-op dispatch of a Kronecker step compiles every primitive
+  # on its own and was most of these tests' time.
+  @jax.jit
+  def step(params):
+    return tx.update(None, tx.init(params), params, predict_fn=predict, targets=y, **extra)
+  return step(params)
 
 
 def test_factors_are_the_estimate_on_the_first_rows():
