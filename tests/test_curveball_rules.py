@@ -109,17 +109,21 @@ def test_nonfinite_trial_loss_rejects_the_step_and_raises_damping():
   assert float(u["w"][0]) != 0.0 and int(s.count) == 1
 
 
-def _hand_stepped(make_tx, values, params, num_steps, extra_args):
-  """Each step k taken by ``make_tx(values[k])`` on the shared state."""
+def _hand_stepped(make_tx, runs, params, num_steps, extra_args):
+  """For each sequence ``values`` in ``runs``: each step k taken by
+  ``make_tx(values[k])`` on the shared state (one compiled step for every run)."""
   @jax.jit
   def step(params, state, value):
     updates, state = make_tx(value).update(None, state, params, **extra_args)
     return optax.apply_updates(params, updates), state
 
-  state = make_tx(values[0]).init(params)
-  for k in range(num_steps):
-    params, state = step(params, state, jnp.asarray(values[k]))
-  return params, state
+  results = []
+  for values in runs:
+    p, state = params, make_tx(values[0]).init(params)
+    for k in range(num_steps):
+      p, state = step(p, state, jnp.asarray(values[k]))
+    results.append((p, state))
+  return results
 
 
 @pytest.mark.parametrize("name", ["learning_rate", "rho", "beta"])
@@ -140,13 +144,14 @@ def _check_schedule(name):
   make_tx = lambda v: curvax.curveball("softmax_cross_entropy", damping=1.0,
                                        damping_period=2, **fixed, **{name: v})
   history = run(make_tx(schedule), params, 6, lambda p: extra)
-  p_hand, s_hand = _hand_stepped(make_tx, [schedule(k) for k in range(6)], params, 6,
-                                 extra)
+  # The schedule's values by hand, and its first value throughout (the schedule must
+  # matter): one compiled step with the value as an argument.
+  (p_hand, s_hand), (constant, _) = _hand_stepped(
+      make_tx, [[schedule(k) for k in range(6)], [schedule(0)] * 6], params, 6, extra)
   p_sched, s_sched = history[-1][:2]
   np.testing.assert_allclose(_flat(p_sched), _flat(p_hand), rtol=1e-6, atol=1e-9)
   for field, a, b in zip(s_sched._fields, s_sched, s_hand):
     np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-6, atol=1e-9, err_msg=field)
-  constant = run(make_tx(schedule(0)), params, 6, lambda p: extra)[-1][0]
   assert not np.allclose(_flat(constant), _flat(p_sched), rtol=1e-4)
 
 
