@@ -4,6 +4,8 @@
 The 8 CPU devices come from ``XLA_FLAGS`` set in ``tests/conftest.py``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +164,19 @@ def _assert_close(got, expected, rtol=1e-5):
                                atol=rtol / 10 * scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _unsharded_run(name):
+  """A solver's run on the global batch on one device: the reference of both the
+  ``shard_map`` and the sharded-``jit`` tests (compiled once, not three times)."""
+  params, x, y = _batches()
+  return jax.jit(_train(JIT_SOLVERS[name](None), NUM_STEPS.get(name, STEPS)))(params, x, y)
+
+
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_solver_under_shard_map_equals_the_global_batch_run(name):
   params, x, y = _batches()
   steps = NUM_STEPS.get(name, STEPS)
-  expected = jax.jit(_train(SOLVERS[name](None), steps))(params, x, y)
+  expected = _unsharded_run(name)
   _assert_close(_train_under_shard_map(SOLVERS[name](AXIS), steps, params, x, y), expected,
                 RTOL.get(name, 1e-5))
 
@@ -191,7 +201,7 @@ JIT_SOLVERS = {**SOLVERS, "kfac": lambda axis: curvax.kfac("softmax_cross_entrop
 def test_solver_under_jit_with_a_sharded_batch_equals_the_unsharded_run(name, axis_type):
   params, x, y = _batches()
   run = jax.jit(_train(JIT_SOLVERS[name](None), NUM_STEPS.get(name, STEPS)))
-  expected = run(params, x, y)
+  expected = _unsharded_run(name)
   _mesh()
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,),
                        axis_types=(getattr(jax.sharding.AxisType, axis_type),))
