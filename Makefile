@@ -26,7 +26,7 @@ demo: $(VENV)/.installed $(DATA)/.fetched
 	OPENBLAS_NUM_THREADS=1 $(PY) -m curvax.demo
 
 test: $(VENV)/.installed $(DATA)/.fetched
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 $(KFAC_JAX_VENV)/.installed: benchmarks/requirements-kfac-jax.txt pyproject.toml
 	$(PYTHON) -m venv $(KFAC_JAX_VENV)
