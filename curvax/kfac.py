@@ -94,8 +94,10 @@ class KFACState(NamedTuple):
 
   Attributes:
     factors: moving averages of ``Q̃``, ``𝒢̃`` and the fallback diagonals, per leaf.
-    inverse: the damped inverses of the factors for the current ``γ``, refreshed
-      every ``inverse_period`` steps and on γ-rule steps.
+    inverse: the factors' representation: their damped inverses for the current
+      ``γ`` (``inverse="cholesky"``), refreshed every ``inverse_period`` steps and on
+      γ-rule steps; or their eigenbases (:class:`curvax.kron.eigen.Eigenbasis`),
+      refreshed every ``inverse_period`` steps.
     velocity: the last step applied to the parameters, in the parameters' dtypes
       (zero at ``init`` and after a rollback): ``δ_prev`` of the momentum term
       (``momentum=True``) and what a rollback reverses.
@@ -130,7 +132,7 @@ class KFACState(NamedTuple):
       (:mod:`curvax.nonfinite`).
   """
   factors: kron_state.Factors
-  inverse: kron_state.Inverse
+  inverse: Any  # kron_state.Inverse or curvax.kron.eigen.Eigenbasis
   velocity: Optional[PyTree]
   gamma: jax.Array
   tau: jax.Array
@@ -160,7 +162,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                        fallback: str = "diagonal",
                        max_factor_dim: Optional[int] = 4096, seed: int = 0,
                        axis_name: Optional[str] = None,
-                       curvature_fraction: Optional[float] = None
+                       curvature_fraction: Optional[float] = None,
+                       inverse: str = "cholesky"
                        ) -> optax.GradientTransformationExtraArgs:
   """The shared optimiser behind :func:`kfac`, :func:`kflr` and :func:`kfra`.
 
@@ -177,7 +180,10 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       max_damping=max_damping, momentum=momentum, momentum_bounds=momentum_bounds,
       fallback=fallback, max_factor_dim=max_factor_dim, seed=seed, axis_name=axis_name,
       curvature_fraction=curvature_fraction)
-  representation = stages.CHOLESKY
+  if inverse not in stages.REPRESENTATIONS:
+    raise ValueError(f"{name}: inverse must be one of "
+                     f"{sorted(stages.REPRESENTATIONS)}, got {inverse!r}.")
+  representation = stages.REPRESENTATIONS[inverse]
 
   def init_fn(params):
     dims = max_factor_dim
@@ -214,7 +220,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
     tau_now = state.tau.astype(ctx.dtype)
     model_damping = tau_now + ctx.decay
     moment = stages.momentum_terms(ctx, state.velocity) if momentum else None
-    chosen = stages.choose_gamma(ctx, settings, representation, factors, state.inverse,
+    stored = stages.represent(ctx, settings, representation, factors, state.inverse)
+    chosen = stages.choose_gamma(ctx, settings, representation, factors, stored,
                                  state.gamma.astype(ctx.dtype), moment, model_damping)
     rate = ctx.at_count(learning_rate)
     # The step in the parameters' dtypes (the coefficients are float32 or wider).
@@ -343,8 +350,17 @@ _COMMON_ARGS = """
       counts ``0, T, 2T, …`` (kfac-jax's ``curvature_update_period``); in between the
       estimator's passes (KFAC's sampled backward pass, the factor products) are
       skipped. ``factor_decay`` applies per update. Default 1 (every step, §5).
-    inverse_period: recompute the factors' damped inverses every this many steps
-      (Algorithm 1: every step; Martens & Grosse use 20; default 5, by measurement).
+    inverse_period: recompute the factors' damped inverses (or eigenbases) every this
+      many steps (Algorithm 1: every step; Martens & Grosse use 20; default 5, by
+      measurement).
+    inverse: how the damped factors are applied (:mod:`curvax.kron.eigen`):
+      ``"cholesky"`` (default): Cholesky inverses of ``Q̃ + ω√k I`` and
+      ``𝒢̃ + ω⁻¹√k I`` (eq. 36–38, App. C.1), made anew for each γ candidate;
+      ``"eigh"``: the same factored damping applied in the factors' eigenbases, which
+      serve every γ (one ``eigh`` per factor per ``inverse_period``, none extra on
+      γ-rule steps; four products per block per step instead of two);
+      ``"eigh_exact"``: the exact Tikhonov damping ``(Q̃ ⊗ 𝒢̃ + kI)⁻¹`` (eq. 35) in
+      the eigenbases.
     tau_period: ``T_τ`` of the τ rule (App. C.3.1: 5); 0 keeps ``τ`` fixed. A step
       whose trial loss ``f(θ + δ*)`` is not finite is rejected (see :class:`KFACState`).
     tau_factor: ``ω_τ``; default ``0.95^{T_τ}``.

@@ -26,7 +26,8 @@ def _float64():
 
 def _settings(**overrides) -> stages.Settings:
   defaults = {p.name: p.default for p in inspect.signature(
-      kronecker_factored).parameters.values() if p.name not in ("loss", "estimator", "name")}
+      kronecker_factored).parameters.values()
+              if p.name not in ("loss", "estimator", "name", "inverse")}
   return validated("test", **{**defaults, **overrides})
 
 

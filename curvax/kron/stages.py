@@ -7,7 +7,9 @@ kfra_kflr.md Algorithm 1 with the rules of its App. C, in the order a step runs 
 2. :func:`estimate_factors` — this batch's factors and their moving averages (every
    ``factor_period`` steps);
 3. representation — the factors' damped inverses, refreshed every ``inverse_period``
-   steps: a pluggable :class:`Representation` (:data:`CHOLESKY`, eq. 36–38);
+   steps: a pluggable :class:`Representation` (:data:`CHOLESKY`, eq. 36–38, refreshed
+   per γ candidate inside :func:`choose_gamma`; or the eigenbases :data:`EIGH` /
+   :data:`EIGH_EXACT`, refreshed once by :func:`represent`);
 4. :func:`candidate` — ``δ̃ = C̃⁻¹ ∇f`` and the α/μ quadratic model (eq. 39–41);
 5. :func:`choose_gamma` — the greedy γ rule over candidates (App. C.3.2);
 6. :func:`tau_rule` — the Levenberg-Marquardt rule on ρ (eq. 42, App. C.3.1);
@@ -31,6 +33,7 @@ from curvax import extra_args as extra_args_lib
 from curvax import quadratic
 from curvax._validation import ScalarOrSchedule, concrete_value, value_at
 from curvax.kron.capture import Capture, capture
+from curvax.kron import eigen
 from curvax.kron import state as kron_state
 from curvax.kron.factors import Estimate
 
@@ -70,16 +73,27 @@ class Representation(NamedTuple):
     refresh: ``(factors, previous, capture, damping) -> representation`` for the
       damping ``k = γ + η``; slots no captured block fills keep ``previous``.
     precondition: ``(capture, grad, factors, representation, damping, fallback=) ->
-      δ̃``, for the ``damping`` the representation was refreshed with.
+      δ̃``, for the ``damping`` the representation was refreshed with (or any damping,
+      when it does not depend on one).
+    depends_on_damping: whether ``refresh`` depends on the damping. If not, the γ
+      rule's candidates share one refresh (made only on ``inverse_period`` steps).
   """
   init: Callable
   refresh: Callable
   precondition: Callable
+  depends_on_damping: bool = True
 
 
 # Factored Tikhonov damping and Cholesky inverses (eq. 36–38; kfra_kflr.md App. C.1).
 CHOLESKY = Representation(init=kron_state.init, refresh=kron_state.invert,
                           precondition=kron_state.precondition)
+# The factors' eigenbases, with the factored damping (the same preconditioner as
+# CHOLESKY) or the exact damping of eq. 35 (curvax.kron.eigen).
+EIGH = Representation(init=eigen.init, refresh=eigen.decompose,
+                      precondition=eigen.preconditioner(exact=False),
+                      depends_on_damping=False)
+EIGH_EXACT = EIGH._replace(precondition=eigen.preconditioner(exact=True))
+REPRESENTATIONS = {"cholesky": CHOLESKY, "eigh": EIGH, "eigh_exact": EIGH_EXACT}
 
 
 class Context(NamedTuple):
@@ -296,6 +310,19 @@ def candidate(ctx: Context, settings: Settings, representation: Representation,
   return Candidate(step, image, coefficients[0], mu, value, gamma, rep)
 
 
+def represent(ctx: Context, settings: Settings, representation: Representation,
+              factors: kron_state.Factors, stored: Any) -> Any:
+  """Stage 3 for a representation that does not depend on the damping (:data:`EIGH`):
+  refreshed every ``inverse_period`` steps, once for all the γ rule's candidates.
+  A damping-dependent one (:data:`CHOLESKY`) is returned as stored: :func:`choose_gamma`
+  refreshes it per candidate."""
+  refresh = due(ctx.count, settings.inverse_period)
+  if representation.depends_on_damping or refresh is False:
+    return stored
+  make = lambda: representation.refresh(factors, stored, ctx.capture, None)
+  return make() if refresh is True else jax.lax.cond(refresh, make, lambda: stored)
+
+
 def choose_gamma(ctx: Context, settings: Settings, representation: Representation,
                  factors: kron_state.Factors, stored: Any, gamma: jax.Array,
                  momentum: Optional[Momentum], model_damping: jax.Array) -> Candidate:
@@ -305,10 +332,14 @@ def choose_gamma(ctx: Context, settings: Settings, representation: Representatio
   On γ-rule steps the γ among ``{ω_γγ, γ, γ/ω_γ}`` whose ``δ*`` minimises ``f̂`` is
   kept, each candidate with a fresh representation; on other steps the current γ alone.
   The rule runs on counts ``0, T_γ, 2T_γ, …``, which are refresh steps when ``T_γ`` is a
-  multiple of ``inverse_period``: the chosen representation is that step's refresh.
+  multiple of ``inverse_period``: the chosen representation is that step's refresh. A
+  representation that does not depend on the damping (:data:`EIGH`) comes refreshed
+  from :func:`represent` and every candidate uses it.
   """
-  refresh = due(ctx.count, settings.inverse_period)
   rule_now = due(ctx.count, settings.gamma_period)
+  # A damping-free representation was refreshed by `represent`, once for every γ.
+  refresh = (due(ctx.count, settings.inverse_period)
+             if representation.depends_on_damping else False)
 
   def evaluate(gamma_value, fresh):
     """The candidate for one γ with a representation made for it (``fresh``) or the
@@ -334,7 +365,7 @@ def choose_gamma(ctx: Context, settings: Settings, representation: Representatio
   gammas = jnp.where(rule_now, damping_lib.gamma_candidates(
       gamma, jnp.asarray(settings.gamma_factor, ctx.dtype), min_gamma=low,
       max_gamma=high), gamma)
-  fresh = rule_now | refresh
+  fresh = rule_now | refresh if representation.depends_on_damping else False
   first = jnp.where(rule_now, 0, 1)
 
   def better(i, best):

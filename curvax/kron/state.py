@@ -186,13 +186,31 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
   ``(F + kI)⁻¹ g`` on its leaves' gradients flattened and concatenated; per fallback
   leaf ``g / (d + k)`` with ``d`` the diagonal estimate (``fallback="diagonal"``) or
   ``d = 1`` (``"identity"``)."""
+
+  def block_solve(block, v):
+    q_inv, g_inv = inverse.q[block.kernel], inverse.g[block.kernel]
+    v = v.astype(q_inv.dtype)
+    return (q_inv[:, None] * v if q_inv.ndim == 1 else q_inv @ v) @ g_inv
+
+  def full_solve(owner, v):
+    full_inv = inverse.full[owner]
+    return full_inv @ v.astype(full_inv.dtype)
+
+  return apply_blocks(capture, grad, factors, damping, block_solve, full_solve,
+                      fallback=fallback)
+
+
+def apply_blocks(capture: Capture, grad: PyTree, factors: Factors, damping: Array,
+                 block_solve, full_solve, *, fallback: str = "diagonal") -> PyTree:
+  """The block-diagonal preconditioner over ``grad``: ``block_solve(block, V)`` on each
+  captured block's gradient ``V`` (``(in [+ 1], out)``, padded to its ``Q̃`` slot),
+  ``full_solve(owner, v)`` on each full block's flattened gradient, and
+  ``g / (d + k)`` on each fallback leaf (``d`` the diagonal estimate, or 1 with
+  ``fallback="identity"``); results are cast back to the leaves' dtypes."""
   leaves, treedef = jax.tree.flatten(grad)
   out = list(leaves)
   for block in capture.blocks:
-    i = block.kernel
-    q_inv, g_inv = inverse.q[i], inverse.g[i]
-    v = _block_matrix(leaves, block, q_inv.shape[0]).astype(q_inv.dtype)
-    x = (q_inv[:, None] * v if q_inv.ndim == 1 else q_inv @ v) @ g_inv
+    x = block_solve(block, _block_matrix(leaves, block, factors.q[block.kernel].shape[0]))
     kernel_leaf = leaves[block.kernel]
     out[block.kernel] = x[:block.in_dim].reshape(kernel_leaf.shape).astype(
         kernel_leaf.dtype)
@@ -200,10 +218,8 @@ def precondition(capture: Capture, grad: PyTree, factors: Factors, inverse: Inve
       bias_leaf = leaves[block.bias]
       out[block.bias] = x[block.in_dim].reshape(bias_leaf.shape).astype(bias_leaf.dtype)
   for block in capture.full_blocks:
-    full_inv = inverse.full[block.owner]
-    v = jnp.concatenate([leaves[j].reshape(-1).astype(full_inv.dtype)
-                         for j in block.leaves])
-    x, start = full_inv @ v, 0
+    v = jnp.concatenate([leaves[j].reshape(-1) for j in block.leaves])
+    x, start = full_solve(block.owner, v), 0
     for j in block.leaves:
       size = leaves[j].size
       out[j] = x[start:start + size].reshape(leaves[j].shape).astype(leaves[j].dtype)

@@ -1,0 +1,70 @@
+"""KFAC with Cholesky inverses against KFAC in the factors' eigenbases (``inverse=``).
+
+    python -m benchmarks.kron_inverse [--problems autoencoder,mlp,cnn] [--steps 60]
+
+For each shipped problem (:mod:`curvax.problems.suite`, its batch size), one process:
+an optax Adam step (the cost unit), ``curvax.kfac(loss)`` with ``inverse="cholesky"``
+(the default), ``"eigh"`` (the same factored damping in the eigenbases: the γ rule's
+candidates reuse one decomposition) and ``"eigh_exact"`` (exact Tikhonov damping).
+Every run starts from the same parameters and sees the same batches; they advance in
+alternation, ``UNIT`` = 20 steps at a time (one whole γ-rule period: four inverse
+refreshes, one γ rule), and the median unit's time per step over Adam's is reported,
+with each step's XLA compile time and the probe loss after ``--steps`` steps (progress
+per update). Writes ``benchmarks/results/kron_inverse.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+import optax
+
+import curvax
+from curvax.problems import suite
+
+UNIT = 20
+INVERSES = ("cholesky", "eigh", "eigh_exact")
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def measure(name: str, steps: int) -> dict:
+  prob = suite.problem(name)
+  runs = {"adam": suite.Run(prob, optax.adam(1e-3), second_order=False)}
+  for inverse in INVERSES:
+    runs[f"kfac {inverse}"] = suite.Run(prob, curvax.kfac(prob.loss, inverse=inverse),
+                                        second_order=True)
+  units = {label: [] for label in runs}
+  for done in range(UNIT, steps + 1, UNIT):
+    for label, run in runs.items():
+      before = run.seconds
+      run.advance(steps=done)
+      units[label].append((run.seconds - before) / UNIT)
+  adam = statistics.median(units["adam"])
+  return {label: {"step_over_adam": round(statistics.median(u) / adam, 2),
+                  "compile_seconds": round(runs[label].compile_seconds, 2),
+                  "probe_loss": runs[label].record["loss"][-1]}
+          for label, u in units.items()}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--problems", default="autoencoder,mlp,cnn")
+  parser.add_argument("--steps", type=int, default=60)
+  args = parser.parse_args(argv)
+  results = {}
+  for name in args.problems.split(","):
+    results[name] = measure(name, args.steps)
+    print(name, json.dumps(results[name]), flush=True)
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / "kron_inverse.json").write_text(json.dumps(
+      {"command": f"python -m benchmarks.kron_inverse --problems {args.problems} "
+                  f"--steps {args.steps}", "unit_steps": UNIT, "results": results},
+      indent=1))
+  return results
+
+
+if __name__ == "__main__":
+  main()
