@@ -26,14 +26,5 @@ def test_defaults_are_finite_and_end_below_their_start(solver, problem):
     assert solver == "kfra" and problem in ("cnn", "transformer"), row
     return
   assert np.all(np.isfinite(row["curve"])), row
-  if solver in KNOWN_DIVERGING and not row["final"] < row["start"]:
-    pytest.xfail(f"issue 23, open: {solver}'s defaults climb on the tiny {problem}: {row}")
   assert row["final"] < row["start"], row
 
-
-# Open (issue 23 item 3, found by this test): KFAC's defaults take the tiny transformer
-# from 6.04 to 6.5e13 in 16 steps (finite: no rollback), and the soak's noisy MLP to
-# 1e5–1e8; the Kronecker family's damping defaults need the decision the README's
-# "Defaults on every shipped problem" describes. Recorded as xfail, not skipped, so a fix
-# shows up as XPASS.
-KNOWN_DIVERGING = ("kfac", "kflr", "kfra")

@@ -326,7 +326,8 @@ def test_schedules_periodic_rules_rejected_and_skipped_steps_against_a_hand_run(
     # count, which also counts skipped batches.
     tx = optax.inject_hyperparams(curvax.kflr, static_args=tuple(_SCHEDULES))(
         loss=losses.softmax_cross_entropy(), momentum=True, momentum_bounds=None,
-        gamma=1e-2, min_damping=1e-3, max_damping=8.0, **_SCHEDULES, **periods)
+        gamma=1e-2, min_damping=1e-3, max_damping=8.0, min_tau=0.0, **_SCHEDULES,
+        **periods)
 
     @jax.jit
     def step(params, state, x, y, poison):

@@ -146,6 +146,21 @@ def test_tau_rule_ratio_and_update():
     np.testing.assert_allclose(tau, TAU * 0.5 if expected > 0.75 else TAU / 0.5, rtol=1e-12)
 
 
+def test_tau_rule_stops_at_min_tau_not_min_damping():
+  """A good step shrinks τ by ω_τ, but not below ``min_tau`` (the floor on τ alone; γ's
+  bound stays ``min_damping``); with ``min_tau=0`` the same step shrinks it freely."""
+  for floor, expected in ((0.08, 0.08), (0.0, TAU * 0.5)):
+    s = _Setup(momentum=False, tau_period=1, tau_factor=0.5, min_tau=floor)
+    _, d = s.direction(GAMMA)
+    step_flat = 0.5 * -(d @ s.grad) / (d @ s.ggn @ d + TAU * d @ d) * d
+    step = ravel_pytree(s.params)[1](jnp.asarray(step_flat))
+    tau, ratio, _ = stages.tau_rule(s.ctx, s.settings, jnp.float32(np.nan), step,
+                                    s.ctx.capture.jvp(step), jnp.asarray(TAU),
+                                    jnp.asarray(TAU))
+    assert float(ratio) > 0.75
+    np.testing.assert_allclose(tau, expected, rtol=1e-12)
+
+
 def test_estimate_factors_between_periods_keeps_the_averages():
   s = _Setup(count=1, factor_period=2)
   for old, new in zip(jax.tree.leaves(s.initial), jax.tree.leaves(s.factors)):

@@ -62,6 +62,7 @@ class Settings(NamedTuple):
   seed: int
   axis_name: Optional[str]
   curvature_fraction: float = 1.0
+  min_tau: ScalarOrSchedule = 0.0
 
 
 class Representation(NamedTuple):
@@ -389,6 +390,11 @@ def objective(settings: Settings, value: jax.Array, params: PyTree, decay) -> ja
   return value + 0.5 * decay * optax.tree.norm(params, squared=True)
 
 
+def tau_floor(ctx: Context, settings: Settings) -> jax.Array:
+  """The τ rule's lower bound: the larger of ``min_damping`` and ``min_tau``."""
+  return jnp.maximum(ctx.bounds[0], ctx.at_count(settings.min_tau))
+
+
 def tau_rule(ctx: Context, settings: Settings, previous_ratio: jax.Array, step: PyTree,
              image: jax.Array, model_damping: jax.Array,
              tau: jax.Array) -> tuple[jax.Array, jax.Array, Union[bool, jax.Array]]:
@@ -402,7 +408,6 @@ def tau_rule(ctx: Context, settings: Settings, previous_ratio: jax.Array, step: 
   if now is False:
     return tau, previous_ratio, True
   lin, params = ctx.lin, ctx.params
-  low, high = ctx.bounds
 
   def evaluate():
     predicted = (optax.tree.vdot(ctx.curvature_grad(), step)
@@ -417,7 +422,8 @@ def tau_rule(ctx: Context, settings: Settings, previous_ratio: jax.Array, step: 
     ratio = jnp.where(taken, quadratic.reduction_ratio(actual, predicted), -jnp.inf)
     new_tau = damping_lib.tau_rule(tau, ratio,
                                    factor=jnp.asarray(settings.tau_factor, tau.dtype),
-                                   min_tau=low, max_tau=high)
+                                   min_tau=tau_floor(ctx, settings),
+                                   max_tau=ctx.bounds[1])
     return new_tau.astype(tau.dtype), ratio.astype(jnp.float32), taken
 
   def keep():
