@@ -1,11 +1,13 @@
-"""KFAC with Cholesky inverses against KFAC in the factors' eigenbases (``inverse=``).
+"""KFAC with Cholesky inverses against KFAC in the factors' eigenbases (``inverse=``)
+and EKFAC.
 
     python -m benchmarks.kron_inverse [--problems autoencoder,mlp,cnn] [--steps 60]
 
 For each shipped problem (:mod:`curvax.problems.suite`, its batch size), one process:
 an optax Adam step (the cost unit), ``curvax.kfac(loss)`` with ``inverse="cholesky"``
 (the default), ``"eigh"`` (the same factored damping in the eigenbases: the γ rule's
-candidates reuse one decomposition) and ``"eigh_exact"`` (exact Tikhonov damping).
+candidates reuse one decomposition) and ``"eigh_exact"`` (exact Tikhonov damping), and ``curvax.ekfac(loss)`` (the eigenbasis
+with its diagonal re-estimated from per-example gradients).
 Every run starts from the same parameters and sees the same batches; they advance in
 alternation, ``UNIT`` = 20 steps at a time (one whole γ-rule period: four inverse
 refreshes, one γ rule), and the median unit's time per step over Adam's is reported,
@@ -36,6 +38,7 @@ def measure(name: str, steps: int) -> dict:
   for inverse in INVERSES:
     runs[f"kfac {inverse}"] = suite.Run(prob, curvax.kfac(prob.loss, inverse=inverse),
                                         second_order=True)
+  runs["ekfac"] = suite.Run(prob, curvax.ekfac(prob.loss), second_order=True)
   units = {label: [] for label in runs}
   for done in range(UNIT, steps + 1, UNIT):
     for label, run in runs.items():

@@ -200,12 +200,9 @@ OPTIMISERS: dict[str, Optimiser] = {
                               True, {}, False),
     "sqn": Optimiser(lambda w, **h: curvax.sqn(w.problem.loss, **h), True, {}, False),
     "lsr1": Optimiser(lambda w, **h: curvax.lsr1(w.problem.loss, **h), True, {}, False),
+    "ekfac": Optimiser(lambda w, **h: curvax.ekfac(w.problem.loss, **h), True, {}, False),
+    "soap": Optimiser(_soap, False, {}, False),
 }
-if hasattr(curvax, "ekfac"):
-  OPTIMISERS["ekfac"] = Optimiser(lambda w, **h: curvax.ekfac(w.problem.loss, **h), True,
-                                  {}, False)
-if hasattr(curvax, "soap"):
-  OPTIMISERS["soap"] = Optimiser(_soap, False, {}, False)
 FIRST_ORDER = ("nadamw", "sgd+momentum")
 
 

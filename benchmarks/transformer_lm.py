@@ -58,6 +58,7 @@ SOLVERS: dict[str, Callable] = {
     "sqn": lambda: curvax.sqn(LOSS),
     "lsr1": lambda: curvax.lsr1(LOSS),
     "kflr": lambda: curvax.kflr(LOSS),
+    "ekfac": lambda: curvax.ekfac(LOSS),
 }
 DEFAULT_SOLVERS = ("kfac", "kfac/reduce", "curveball", "hessian_free")
 RATES = (1e-3, 3e-3, 1e-2)

@@ -15,7 +15,7 @@ from curvax.curveball import CurveBallState, curveball
 from curvax.cvp import Linearization, linearize, sharpness, top_eigenvalue
 from curvax.extra_args import objective, without_weak_types
 from curvax.hessian_free import HessianFreeState, hessian_free
-from curvax.kfac import KRON_PAPER_SETTINGS, KFACState, kfac, kflr, kfra
+from curvax.kfac import KRON_PAPER_SETTINGS, KFACState, ekfac, kfac, kflr, kfra
 from curvax.quasi_newton import QuasiNewtonState, lsr1, sqn
 from curvax.soap import SOAPState, soap
 
@@ -26,7 +26,7 @@ __all__ = [
     "without_weak_types",
     "CurveBallState", "curveball",
     "HessianFreeState", "hessian_free",
-    "KFACState", "KRON_PAPER_SETTINGS", "kfac", "kflr", "kfra",
+    "KFACState", "KRON_PAPER_SETTINGS", "kfac", "kflr", "kfra", "ekfac",
     "PolyakState", "polyak", "averaged_params",
     "QuasiNewtonState", "sqn", "lsr1",
     "SOAPState", "soap",

@@ -71,6 +71,7 @@ Deviations and choices (see also the README):
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -167,7 +168,7 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                        max_factor_dim: Optional[int] = 4096, seed: int = 0,
                        axis_name: Optional[str] = None,
                        curvature_fraction: Optional[float] = None,
-                       inverse: str = "cholesky"
+                       inverse: "str | stages.Representation" = "cholesky"
                        ) -> optax.GradientTransformationExtraArgs:
   """The shared optimiser behind :func:`kfac`, :func:`kflr` and :func:`kfra`.
 
@@ -184,10 +185,13 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       max_damping=max_damping, min_tau=min_tau, momentum=momentum,
       momentum_bounds=momentum_bounds, fallback=fallback, max_factor_dim=max_factor_dim, seed=seed, axis_name=axis_name,
       curvature_fraction=curvature_fraction)
-  if inverse not in stages.REPRESENTATIONS:
+  if isinstance(inverse, stages.Representation):
+    representation = inverse
+  elif inverse in stages.REPRESENTATIONS:
+    representation = stages.REPRESENTATIONS[inverse]
+  else:
     raise ValueError(f"{name}: inverse must be one of "
                      f"{sorted(stages.REPRESENTATIONS)}, got {inverse!r}.")
-  representation = stages.REPRESENTATIONS[inverse]
 
   def init_fn(params):
     dims = max_factor_dim
@@ -220,11 +224,11 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                               linearization=linearization,
                               curvature_predict_fn=curvature_predict_fn,
                               curvature_targets=curvature_targets)
-    factors, accept = stages.estimate_factors(ctx, settings, estimator, state.factors)
+    factors, accept, stored = stages.estimate_and_represent(
+        ctx, settings, estimator, representation, state.factors, state.inverse)
     tau_now = state.tau.astype(ctx.dtype)
     model_damping = tau_now + ctx.decay
     moment = stages.momentum_terms(ctx, state.velocity) if momentum else None
-    stored = stages.represent(ctx, settings, representation, factors, state.inverse)
     chosen = stages.choose_gamma(ctx, settings, representation, factors, stored,
                                  state.gamma.astype(ctx.dtype), moment, model_damping)
     rate = ctx.at_count(learning_rate)
@@ -513,6 +517,57 @@ def _check_weight_sharing(solver: str, weight_sharing: str) -> str:
   return weight_sharing
 
 
+def _fisher_estimator(solver: str, loss, num_samples, weight_sharing: str, kwargs: dict):
+  """KFAC's Monte-Carlo estimator ``(capture, key, examples=False) -> Estimate``, its
+  arguments validated."""
+  _check_weight_sharing(solver, weight_sharing)
+  if num_samples is None:
+    num_samples = 1
+  if isinstance(num_samples, jax.core.Tracer):
+    raise ValueError(f"{solver}: num_samples sets array shapes and cannot be traced; "
+                     "with optax.inject_hyperparams pass static_args='num_samples'.")
+  if (isinstance(num_samples, (bool, np.bool_)) or concrete_value(num_samples) is None
+      or concrete_value(num_samples) < 1 or concrete_value(num_samples) % 1):
+    raise ValueError(f"{solver}: num_samples must be an integer >= 1, got "
+                     f"{num_samples!r}.")
+  num_samples = int(concrete_value(num_samples))
+  if losses_lib.get(loss).per_example_sample is None:
+    raise ValueError(
+        f"{solver}: the loss {losses_lib.get(loss).name!r} defines no predictive "
+        "distribution to sample targets from; build it with sample_fn= "
+        "(curvax.losses.from_fn) or use curvax.kflr / curvax.kfra.")
+  fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
+  return lambda cap, key, examples=False: kron.kfac_factors(
+      cap, key, num_samples=num_samples, fallback_diagonal=fallback_diagonal,
+      weight_sharing=weight_sharing, examples=examples)
+
+
+def _ggn_estimator(solver: str, weight_sharing: str, max_columns, kwargs: dict):
+  """KFLR's exact estimator ``(capture, key, examples=False) -> Estimate``, its
+  arguments validated."""
+  _check_weight_sharing(solver, weight_sharing)
+  if max_columns is None:
+    max_columns = 4096
+  if concrete_value(max_columns) is None:
+    raise ValueError(f"{solver}: max_columns is a trace-time limit and cannot be "
+                     "traced; with optax.inject_hyperparams pass static_args='max_columns'.")
+  check_positive(f"{solver}: max_columns", max_columns)
+  fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
+
+  def estimator(cap, key, examples=False):
+    columns = math.prod(cap.lin.outputs.shape[1:])  # K = D for every curvax loss
+    if columns > max_columns:
+      raise ValueError(
+          f"{solver}: this model has K = {columns} output columns per example "
+          f"(outputs of shape {tuple(cap.lin.outputs.shape)}: classes × positions), more "
+          f"than max_columns={max_columns}; a step costs about K backward passes "
+          "and K copies of every layer's sensitivities. Use curvax.kfac (one sampled "
+          "column) or raise max_columns.")
+    return kron.kflr_factors(cap, key, fallback_diagonal=fallback_diagonal,
+                             weight_sharing=weight_sharing, examples=examples)
+  return estimator
+
+
 @_documented
 def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
          weight_sharing: str = "expand",
@@ -530,26 +585,7 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
       number by default, so that ``optax.inject_hyperparams`` leaves it static).
     {weight_sharing}{common}"""
   kwargs = _common("curvax.kfac", kwargs, own=("num_samples", "weight_sharing"))
-  _check_weight_sharing("curvax.kfac", weight_sharing)
-  if num_samples is None:
-    num_samples = 1
-  if isinstance(num_samples, jax.core.Tracer):
-    raise ValueError("curvax.kfac: num_samples sets array shapes and cannot be traced; "
-                     "with optax.inject_hyperparams pass static_args='num_samples'.")
-  if (isinstance(num_samples, (bool, np.bool_)) or concrete_value(num_samples) is None
-      or concrete_value(num_samples) < 1 or concrete_value(num_samples) % 1):
-    raise ValueError(f"curvax.kfac: num_samples must be an integer >= 1, got "
-                     f"{num_samples!r}.")
-  num_samples = int(concrete_value(num_samples))
-  if losses_lib.get(loss).per_example_sample is None:
-    raise ValueError(
-        f"curvax.kfac: the loss {losses_lib.get(loss).name!r} defines no predictive "
-        "distribution to sample targets from; build it with sample_fn= "
-        "(curvax.losses.from_fn) or use curvax.kflr / curvax.kfra.")
-  fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
-  estimator = lambda cap, key: kron.kfac_factors(
-      cap, key, num_samples=num_samples, fallback_diagonal=fallback_diagonal,
-      weight_sharing=weight_sharing)
+  estimator = _fisher_estimator("curvax.kfac", loss, num_samples, weight_sharing, kwargs)
   return kronecker_factored(loss, estimator, name="curvax.kfac", **kwargs)
 
 
@@ -571,26 +607,7 @@ def kflr(loss: "losses_lib.Loss | str", *, weight_sharing: str = "expand",
       per example (``None``: 4096 — not a number by default, so that
       ``optax.inject_hyperparams`` leaves it static; ``math.inf``: no limit).{common}"""
   kwargs = _common("curvax.kflr", kwargs, own=("weight_sharing", "max_columns"))
-  _check_weight_sharing("curvax.kflr", weight_sharing)
-  if max_columns is None:
-    max_columns = 4096
-  if concrete_value(max_columns) is None:
-    raise ValueError("curvax.kflr: max_columns is a trace-time limit and cannot be "
-                     "traced; with optax.inject_hyperparams pass static_args='max_columns'.")
-  check_positive("curvax.kflr: max_columns", max_columns)
-  fallback_diagonal = kwargs.get("fallback", "diagonal") == "diagonal"
-
-  def estimator(cap, key):
-    columns = math.prod(cap.lin.outputs.shape[1:])  # K = D for every curvax loss
-    if columns > max_columns:
-      raise ValueError(
-          f"curvax.kflr: this model has K = {columns} output columns per example "
-          f"(outputs of shape {tuple(cap.lin.outputs.shape)}: classes × positions), more "
-          f"than max_columns={max_columns}; a KFLR step costs about K backward passes "
-          "and K copies of every layer's sensitivities. Use curvax.kfac (one sampled "
-          "column) or raise max_columns.")
-    return kron.kflr_factors(cap, key, fallback_diagonal=fallback_diagonal,
-                             weight_sharing=weight_sharing)
+  estimator = _ggn_estimator("curvax.kflr", weight_sharing, max_columns, kwargs)
   return kronecker_factored(loss, estimator, name="curvax.kflr", **kwargs)
 
 
@@ -636,3 +653,48 @@ def kfra(loss: "losses_lib.Loss | str", *,
                      "to belong to a Dense layer of the chain.")
   estimator = lambda cap, key: kron.kfra_factors(cap, activations, check=check_chain)
   return kronecker_factored(loss, estimator, name="curvax.kfra", **kwargs)
+
+
+@_documented
+def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
+          num_samples: Optional[int] = None, weight_sharing: str = "expand",
+          max_columns: Optional[float] = None,
+          **kwargs) -> optax.GradientTransformationExtraArgs:
+  """EKFAC (George et al. 2018): KFAC in the factors' eigenbasis with the diagonal there
+  re-estimated from per-example gradients (:mod:`curvax.kron.ekfac`).
+
+  The factors and their eigenbases are KFAC's (``curvature="fisher"``: targets sampled
+  from the model) or KFLR's (``"ggn"``: the columns of ``H_L``'s square root); on every
+  factor update the per-example gradients of the same columns, rotated into the basis
+  and squared, update the diagonal ``S`` that replaces ``s_Q ⊗ s_𝒢``; the preconditioner
+  is ``(U_Q ⊗ U_𝒢) (S + k)⁻¹ (U_Q ⊗ U_𝒢)ᵀ`` with ``k = γ + η`` — exact damping. The step
+  size, momentum and the γ / τ rules are :func:`kfac`'s. A step costs about one KFAC
+  step with ``inverse="eigh_exact"`` plus, per layer, one product of the rotated rows
+  (``Σ_n ã_n² ⊗ c̃_n²``; per example and position with weight sharing).
+  {usage}
+  Args:
+    curvature: ``"fisher"`` (Monte-Carlo, :func:`kfac`'s estimator) or ``"ggn"`` (exact,
+      :func:`kflr`'s: ``K`` backward passes a step).
+    num_samples: Monte-Carlo samples per step with ``"fisher"`` (``None``: 1).
+    {weight_sharing} (The diagonal always uses each example's exact gradient, summed
+      over its positions.)
+    max_columns: with ``"ggn"``, as :func:`kflr`.{common}
+
+  ``inverse`` is EKFAC's own representation and cannot be chosen."""
+  if "inverse" in kwargs:
+    raise ValueError("curvax.ekfac: inverse= does not apply: EKFAC's representation is "
+                     "its corrected eigenbasis (use curvax.kfac(loss, inverse=...) for "
+                     "the others).")
+  kwargs = _common("curvax.ekfac", kwargs,
+                   own=("curvature", "num_samples", "weight_sharing", "max_columns"))
+  if curvature == "fisher":
+    estimator = _fisher_estimator("curvax.ekfac", loss, num_samples, weight_sharing,
+                                  kwargs)
+  elif curvature == "ggn":
+    estimator = _ggn_estimator("curvax.ekfac", weight_sharing, max_columns, kwargs)
+  else:
+    raise ValueError(f"curvax.ekfac: curvature must be 'fisher' or 'ggn', got "
+                     f"{curvature!r}.")
+  estimator = functools.partial(estimator, examples=True)
+  return kronecker_factored(loss, estimator, name="curvax.ekfac", inverse=stages.EKFAC,
+                            **kwargs)

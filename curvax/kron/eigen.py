@@ -124,6 +124,17 @@ def precondition_block(basis: Eigenbasis, i: int, v: Array, denominator: Array) 
                  left=True, inverse=True)
 
 
+def full_solver(basis: Eigenbasis, damping: Array):
+  """``(owner, v) -> U [(Uᵀ v) / (s + k)]`` for the full blocks."""
+
+  def full_solve(owner, v):
+    vectors, values = basis.full_vectors[owner], basis.full_values[owner]
+    k = jnp.asarray(damping, values.dtype)
+    return vectors @ ((vectors.T @ v.astype(values.dtype)) / (values + k))
+
+  return full_solve
+
+
 def preconditioner(exact: bool):
   """The ``precondition`` of a :class:`curvax.kron.stages.Representation` over an
   :class:`Eigenbasis`, with exact (eq. 35) or factored (eq. 36–38) damping."""
@@ -136,12 +147,7 @@ def preconditioner(exact: bool):
                                       g_dim=block.out_dim, exact=exact)
       return precondition_block(basis, i, v.astype(denominator.dtype), denominator)
 
-    def full_solve(owner, v):
-      vectors, values = basis.full_vectors[owner], basis.full_values[owner]
-      k = jnp.asarray(damping, values.dtype)
-      return vectors @ ((vectors.T @ v.astype(values.dtype)) / (values + k))
-
     return kron_state.apply_blocks(capture, grad, factors, damping, block_solve,
-                                   full_solve, fallback=fallback)
+                                   full_solver(basis, damping), fallback=fallback)
 
   return precondition

@@ -60,11 +60,18 @@ class Estimate(NamedTuple):
     diag: per leaf of ``capture.fallback``, a diagonal curvature estimate (leaf-shaped),
       or ``None`` where the estimator provides none.
     full: per block of ``capture.full_blocks``, its ``(dim, dim)`` curvature matrix.
+    examples: per block of ``capture.blocks``, the per-example rows its exact
+      per-example gradients are made of — ``(a, c)`` with the inputs ``a`` of shape
+      ``(B, T, q_dim)`` (bias column included) and the sensitivities ``c`` of shape
+      ``(K, B, T, out_dim)``, ``T`` the positions an example shares the kernel over —
+      or ``None`` (an embedding); ``()`` unless asked for (``examples=True``, for
+      :mod:`curvax.kron.ekfac`).
   """
   q: tuple
   g: tuple
   diag: Optional[tuple]
   full: tuple = ()
+  examples: tuple = ()
 
 
 _GRAM_PANEL = 250  # columns per panel of a blocked Gram product
@@ -102,9 +109,21 @@ def input_factors(capture: Capture, weight_sharing: str = "expand") -> tuple:
   return capture.lin.batch_mean(out)
 
 
+def example_rows(capture: Capture, block, sensitivities) -> Optional[tuple[Array, Array]]:
+  """``(a, c)`` of :attr:`Estimate.examples` for one block: every position of an
+  example is kept apart (whatever ``weight_sharing`` says), so that
+  ``Σ_t a_{n,t} c_{k,n,t}ᵀ`` is example ``n``'s exact gradient for column ``k``."""
+  if block.slot.diagonal:
+    return None
+  batch = capture.batch_size
+  a = capture.activations(block, "expand")
+  c = capture.sensitivity_rows(block, sensitivities, batch_dims=1, weight_sharing="expand")
+  return a.reshape(batch, -1, a.shape[-1]), c.reshape(c.shape[0], batch, -1, c.shape[-1])
+
+
 def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = None,
-                 fallback_diagonal: bool = True,
-                 weight_sharing: str = "expand") -> Estimate:
+                 fallback_diagonal: bool = True, weight_sharing: str = "expand",
+                 examples: bool = False) -> Estimate:
   """Factors from output-space columns ``u_k`` (shape ``(K, *outputs.shape)``).
 
   ``𝒢̃ = Σ_{k, rows} (J_hᵀ u_k)(J_hᵀ u_k)ᵀ`` — one vmapped backward pass.
@@ -159,11 +178,14 @@ def from_columns(capture: Capture, columns: Array, *, key: Optional[Array] = Non
     diag = tuple(jnp.sum(jnp.square(leaves[i]), axis=0) for i in capture.fallback)
   # Each device's columns carry its own 1/√B: averaging gives the global-batch factors.
   g, diag, full = capture.lin.batch_mean((tuple(g), diag, tuple(full)))
-  return Estimate(input_factors(capture, weight_sharing), g, diag, full)
+  rows = (tuple(example_rows(capture, block, sensitivities) for block in capture.blocks)
+          if examples else ())
+  return Estimate(input_factors(capture, weight_sharing), g, diag, full, rows)
 
 
 def kflr(capture: Capture, key: Optional[Array] = None, *,
-         fallback_diagonal: bool = True, weight_sharing: str = "expand") -> Estimate:
+         fallback_diagonal: bool = True, weight_sharing: str = "expand",
+         examples: bool = False) -> Estimate:
   """KFLR: the exact ``E[𝒢_λ]`` from the ``K`` columns of ``H_L``'s square root.
 
   kfra_kflr.md eq. 23–25: ``C_λ^k = B_λ W_{λ+1}ᵀ C_{λ+1}^k`` is the pullback of the
@@ -172,7 +194,7 @@ def kflr(capture: Capture, key: Optional[Array] = None, *,
   lin = capture.lin
   columns = lin.loss.hessian_sqrt(lin.outputs, lin.targets)
   return from_columns(capture, columns, key=key, fallback_diagonal=fallback_diagonal,
-                      weight_sharing=weight_sharing)
+                      weight_sharing=weight_sharing, examples=examples)
 
 
 def sampled_columns(capture: Capture, sampled_targets: Array) -> Array:
@@ -187,7 +209,8 @@ def sampled_columns(capture: Capture, sampled_targets: Array) -> Array:
 
 
 def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
-         fallback_diagonal: bool = True, weight_sharing: str = "expand") -> Estimate:
+         fallback_diagonal: bool = True, weight_sharing: str = "expand",
+         examples: bool = False) -> Estimate:
   """KFAC: the Monte-Carlo Fisher with targets sampled from the model (App. D.3).
 
   ``𝒢̃ = (1/S) Σ_s Σ_n ∇_{h_n} ℓ(o_n, t̃_{s,n}) ∇_{h_n} ℓ(o_n, t̃_{s,n})ᵀ / B`` with
@@ -203,7 +226,7 @@ def kfac(capture: Capture, key: Array, *, num_samples: int = 1,
   columns = jax.vmap(lambda t: sampled_columns(capture, t))(targets)
   columns = columns / jnp.sqrt(jnp.asarray(num_samples, columns.dtype))
   return from_columns(capture, columns, key=sign_key, fallback_diagonal=fallback_diagonal,
-                      weight_sharing=weight_sharing)
+                      weight_sharing=weight_sharing, examples=examples)
 
 
 # ------------------------------------------------------------------ KFRA

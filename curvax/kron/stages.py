@@ -9,7 +9,9 @@ kfra_kflr.md Algorithm 1 with the rules of its App. C, in the order a step runs 
 3. representation — the factors' damped inverses, refreshed every ``inverse_period``
    steps: a pluggable :class:`Representation` (:data:`CHOLESKY`, eq. 36–38, refreshed
    per γ candidate inside :func:`choose_gamma`; or the eigenbases :data:`EIGH` /
-   :data:`EIGH_EXACT`, refreshed once by :func:`represent`);
+   :data:`EIGH_EXACT`, refreshed once by :func:`represent`; or EKFAC's corrected
+   eigenbasis :data:`EKFAC`, refreshed and corrected with the factors by
+   :func:`estimate_and_represent`);
 4. :func:`candidate` — ``δ̃ = C̃⁻¹ ∇f`` and the α/μ quadratic model (eq. 39–41);
 5. :func:`choose_gamma` — the greedy γ rule over candidates (App. C.3.2);
 6. :func:`tau_rule` — the Levenberg-Marquardt rule on ρ (eq. 42, App. C.3.1);
@@ -34,6 +36,7 @@ from curvax import quadratic
 from curvax._validation import ScalarOrSchedule, concrete_value, value_at
 from curvax.kron.capture import Capture, capture
 from curvax.kron import eigen
+from curvax.kron import ekfac
 from curvax.kron import state as kron_state
 from curvax.kron.factors import Estimate
 
@@ -78,11 +81,15 @@ class Representation(NamedTuple):
       when it does not depend on one).
     depends_on_damping: whether ``refresh`` depends on the damping. If not, the γ
       rule's candidates share one refresh (made only on ``inverse_period`` steps).
+    correct: ``(representation, capture, estimate, decay=, first=, accept=) ->
+      representation``, for a representation re-estimated from each batch's
+      per-example rows (:data:`EKFAC`), or ``None``.
   """
   init: Callable
   refresh: Callable
   precondition: Callable
   depends_on_damping: bool = True
+  correct: Optional[Callable] = None
 
 
 # Factored Tikhonov damping and Cholesky inverses (eq. 36–38; kfra_kflr.md App. C.1).
@@ -95,6 +102,11 @@ EIGH = Representation(init=eigen.init, refresh=eigen.decompose,
                       depends_on_damping=False)
 EIGH_EXACT = EIGH._replace(precondition=eigen.preconditioner(exact=True))
 REPRESENTATIONS = {"cholesky": CHOLESKY, "eigh": EIGH, "eigh_exact": EIGH_EXACT}
+# The eigenbases with the diagonal re-estimated in them (curvax.kron.ekfac): needs an
+# estimator that keeps the per-example rows (curvax.ekfac).
+EKFAC = Representation(init=ekfac.init, refresh=ekfac.refresh,
+                       precondition=ekfac.precondition, depends_on_damping=False,
+                       correct=ekfac.correct)
 
 
 class Context(NamedTuple):
@@ -249,6 +261,30 @@ def _whole_batch(loss, predict, targets, params, given, axis_name):
   return value, grad
 
 
+def _estimate(ctx: Context, settings: Settings, estimator: Estimator,
+              factors: kron_state.Factors):
+  """This batch's estimate, the averages it gives and whether it was accepted."""
+  key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), ctx.count)
+  estimate = estimator(ctx.capture, key)
+  # Decided inside the averaging pass, so the final guard need not select over the
+  # factors again.
+  accept = ctx.loss_finite() & kron_state.estimate_finite(estimate)
+  averaged = kron_state.update(factors, estimate, ctx.capture,
+                               decay=value_at(settings.factor_decay, ctx.count),
+                               first=ctx.count == 0, accept=accept)
+  return estimate, averaged, accept
+
+
+def _when(condition: Union[bool, jax.Array], make: Callable, otherwise: Callable):
+  """``make()`` where ``condition`` holds, else ``otherwise()``: decided in Python when
+  the condition is known at trace time, by ``lax.cond`` (one branch runs) when not."""
+  if condition is True:
+    return make()
+  if condition is False:
+    return otherwise()
+  return jax.lax.cond(condition, make, otherwise)
+
+
 def estimate_factors(ctx: Context, settings: Settings, estimator: Estimator,
                      factors: kron_state.Factors) -> tuple[kron_state.Factors, jax.Array]:
   """Stage 2: the batch's factor estimate folded into the moving averages.
@@ -259,19 +295,38 @@ def estimate_factors(ctx: Context, settings: Settings, estimator: Estimator,
   at run time: ``lax.cond`` executes one branch.
   """
   def estimated():
-    key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), ctx.count)
-    estimate = estimator(ctx.capture, key)
-    # Decided inside the averaging pass, so the final guard need not select over the
-    # factors again.
-    accept = ctx.loss_finite() & kron_state.estimate_finite(estimate)
-    return kron_state.update(factors, estimate, ctx.capture,
-                             decay=value_at(settings.factor_decay, ctx.count),
-                             first=ctx.count == 0, accept=accept), accept
+    _, averaged, accept = _estimate(ctx, settings, estimator, factors)
+    return averaged, accept
 
-  now = due(ctx.count, settings.factor_period)
-  if now is True:
-    return estimated()
-  return jax.lax.cond(now, estimated, lambda: (factors, ctx.loss_finite()))
+  return _when(due(ctx.count, settings.factor_period), estimated,
+               lambda: (factors, ctx.loss_finite()))
+
+
+def estimate_and_represent(ctx: Context, settings: Settings, estimator: Estimator,
+                           representation: Representation, factors: kron_state.Factors,
+                           stored: Any) -> tuple[kron_state.Factors, jax.Array, Any]:
+  """Stages 2 and 3: :func:`estimate_factors` then :func:`represent`; for a
+  representation that is corrected from the batch's per-example rows (:data:`EKFAC`),
+  on factor-update steps: the averages, the refresh of the basis (when
+  ``inverse_period`` is due) and the correction in that basis, in that order.
+
+  Returns ``(factors, accept, representation)``."""
+  if representation.correct is None:
+    factors, accept = estimate_factors(ctx, settings, estimator, factors)
+    return factors, accept, represent(ctx, settings, representation, factors, stored)
+
+  def estimated():
+    estimate, averaged, accept = _estimate(ctx, settings, estimator, factors)
+    basis = _when(due(ctx.count, settings.inverse_period),
+                  lambda: representation.refresh(averaged, stored, ctx.capture, None),
+                  lambda: stored)
+    corrected = representation.correct(
+        basis, ctx.capture, estimate, decay=value_at(settings.factor_decay, ctx.count),
+        first=ctx.count == 0, accept=accept)
+    return averaged, accept, corrected
+
+  return _when(due(ctx.count, settings.factor_period), estimated,
+               lambda: (factors, ctx.loss_finite(), stored))
 
 
 def momentum_terms(ctx: Context, velocity: PyTree) -> Momentum:
@@ -317,11 +372,11 @@ def represent(ctx: Context, settings: Settings, representation: Representation,
   refreshed every ``inverse_period`` steps, once for all the γ rule's candidates.
   A damping-dependent one (:data:`CHOLESKY`) is returned as stored: :func:`choose_gamma`
   refreshes it per candidate."""
-  refresh = due(ctx.count, settings.inverse_period)
-  if representation.depends_on_damping or refresh is False:
+  if representation.depends_on_damping:
     return stored
-  make = lambda: representation.refresh(factors, stored, ctx.capture, None)
-  return make() if refresh is True else jax.lax.cond(refresh, make, lambda: stored)
+  return _when(due(ctx.count, settings.inverse_period),
+               lambda: representation.refresh(factors, stored, ctx.capture, None),
+               lambda: stored)
 
 
 def choose_gamma(ctx: Context, settings: Settings, representation: Representation,
@@ -345,14 +400,9 @@ def choose_gamma(ctx: Context, settings: Settings, representation: Representatio
   def evaluate(gamma_value, fresh):
     """The candidate for one γ with a representation made for it (``fresh``) or the
     stored one."""
-    make = lambda: representation.refresh(factors, stored, ctx.capture,
-                                          gamma_value + ctx.decay)
-    if fresh is False:
-      rep = stored
-    elif fresh is True:
-      rep = make()
-    else:
-      rep = jax.lax.cond(fresh, make, lambda: stored)
+    rep = _when(fresh, lambda: representation.refresh(factors, stored, ctx.capture,
+                                                      gamma_value + ctx.decay),
+                lambda: stored)
     return candidate(ctx, settings, representation, factors, rep, gamma_value, momentum,
                      model_damping)
 
