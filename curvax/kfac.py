@@ -185,23 +185,11 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       max_damping=max_damping, min_tau=min_tau, momentum=momentum,
       momentum_bounds=momentum_bounds, fallback=fallback, max_factor_dim=max_factor_dim, seed=seed, axis_name=axis_name,
       curvature_fraction=curvature_fraction)
-  if isinstance(inverse, stages.Representation):
-    representation = inverse
-  elif inverse in stages.REPRESENTATIONS:
-    representation = stages.REPRESENTATIONS[inverse]
-  else:
-    raise ValueError(f"{name}: inverse must be one of "
-                     f"{sorted(stages.REPRESENTATIONS)}, got {inverse!r}.")
+  representation = _representation(name, inverse)
 
   def init_fn(params):
-    dims = max_factor_dim
-    if dims is not None:
-      dims = concrete_value(dims)
-      if dims is None:
-        raise ValueError(f"{name}: max_factor_dim sets the state's shapes and must be "
-                         "known when init runs (not traced).")
-      dims = int(dims)
-    factors, rep = representation.init(params, max_factor_dim=dims)
+    factors, rep = representation.init(params,
+                                       max_factor_dim=_known_dim(name, max_factor_dim))
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     # One buffer per leaf: a state donated to a jitted step may not alias a buffer.
     zero = lambda: jnp.zeros((), jnp.int32)
@@ -240,6 +228,27 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
                    settings)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _representation(name: str, inverse) -> stages.Representation:
+  """The :class:`curvax.kron.stages.Representation` named by ``inverse`` (or given)."""
+  if isinstance(inverse, stages.Representation):
+    return inverse
+  if inverse in stages.REPRESENTATIONS:
+    return stages.REPRESENTATIONS[inverse]
+  raise ValueError(f"{name}: inverse must be one of "
+                   f"{sorted(stages.REPRESENTATIONS)}, got {inverse!r}.")
+
+
+def _known_dim(name: str, max_factor_dim) -> Optional[int]:
+  """``max_factor_dim`` as an int (``None`` stays): it sets the state's shapes."""
+  if max_factor_dim is None:
+    return None
+  dims = concrete_value(max_factor_dim)
+  if dims is None:
+    raise ValueError(f"{name}: max_factor_dim sets the state's shapes and must be "
+                     "known when init runs (not traced).")
+  return int(dims)
 
 
 def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stages.Candidate,
