@@ -1,9 +1,9 @@
 """Cost of a KFAC step with its curvature on a sub-batch (``curvature_fraction``),
 relative to a tuned-optax Adam step on the same model and batch.
 
-    python -m benchmarks.curvature_fraction [--problems mlp,cnn] [--repeats 20]
+    python -m benchmarks.curvature_fraction [--problems autoencoder,mlp,cnn] [--repeats 20]
 
-The shipped MNIST MLP and basic CNN at their batch size (128; :mod:`curvax.problems.suite`),
+The shipped problems at their batch sizes (:mod:`curvax.problems.suite`),
 one process, steps timed round-robin (:func:`benchmarks.timing.median_times`); each timed
 unit is 10 consecutive steps, so the every-5-steps inverse refresh and τ rule and the
 every-20-steps γ rule count at their true frequencies. Writes
@@ -23,7 +23,12 @@ import curvax
 from benchmarks.timing import median_times
 from curvax.problems import suite, training
 
-FRACTIONS = (1.0, 0.5, 0.25)
+# (label, curvax.kfac arguments): the fractions, and the cheapest setting with the factor
+# estimate every 5 steps as well.
+CONFIGS = (("kfac f=1.0", dict(curvature_fraction=1.0)),
+           ("kfac f=0.5", dict(curvature_fraction=0.5)),
+           ("kfac f=0.25", dict(curvature_fraction=0.25)),
+           ("kfac f=0.25 factor_period=5", dict(curvature_fraction=0.25, factor_period=5)))
 CYCLE = 10
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -44,21 +49,22 @@ def _runner(prob: suite.Problem, tx, second_order: bool):
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--problems", default="mlp,cnn")
+  parser.add_argument("--problems", default="autoencoder,mlp,cnn")
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args(argv)
   results = {}
   for name in args.problems.split(","):
     prob = suite.problem(name)
     fns = {"adam": _runner(prob, optax.adam(1e-3), False)}
-    for f in FRACTIONS:
-      fns[f"kfac f={f}"] = _runner(prob, curvax.kfac(prob.loss, curvature_fraction=f), True)
+    for label, kwargs in CONFIGS:
+      fns[label] = _runner(prob, curvax.kfac(prob.loss, **kwargs), True)
     times = median_times(fns, repeats=args.repeats, warmup=1)
     results[name] = {k: round(t / times["adam"], 2) for k, t in times.items()}
     print(name, json.dumps(results[name]), flush=True)
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / "curvature_fraction.json").write_text(json.dumps(
-      {"command": "python -m benchmarks.curvature_fraction", "cycle": CYCLE,
+      {"command": f"python -m benchmarks.curvature_fraction --problems {args.problems} "
+                  f"--repeats {args.repeats}", "cycle": CYCLE,
        "step_time_over_adam": results}, indent=1))
   return results
 
