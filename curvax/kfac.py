@@ -589,6 +589,7 @@ def kfac(loss: "losses_lib.Loss | str", *, num_samples: Optional[int] = None,
   expectation. Dense, Conv (KFC) and embedding layers; full blocks for normalisation
   layers and lone vectors (:mod:`curvax.kron.full_blocks`).
   {usage}
+
   Args:
     num_samples: Monte-Carlo samples of the targets per step (``None``: 1 — not a
       number by default, so that ``optax.inject_hyperparams`` leaves it static).
@@ -610,6 +611,7 @@ def kflr(loss: "losses_lib.Loss | str", *, weight_sharing: str = "expand",
   backward passes and holds ``K`` copies of every layer's sensitivities, so KFLR is
   meant for few outputs (classifiers); :func:`kfac` samples one column instead.
   {usage}
+
   Args:
     {weight_sharing}
     max_columns: refuse (at trace time) models with more than this many columns ``K``
@@ -633,6 +635,7 @@ def kfra(loss: "losses_lib.Loss | str", *,
   activations are declared, and a model that is not such a chain is an error (trace
   time for structure, run time for values when ``check_chain``).
   {usage}
+
   Args:
     activations: the elementwise function between consecutive Dense layers: one
       callable for every gap, or a sequence with one entry per gap (``None`` = linear).
@@ -681,6 +684,7 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
   step with ``inverse="eigh_exact"`` plus, per layer, one product of the rotated rows
   (``Σ_n ã_n² ⊗ c̃_n²``; per example and position with weight sharing).
   {usage}
+
   Args:
     curvature: ``"fisher"`` (Monte-Carlo, :func:`kfac`'s estimator) or ``"ggn"`` (exact,
       :func:`kflr`'s: ``K`` backward passes a step).

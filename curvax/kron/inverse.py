@@ -107,7 +107,7 @@ def blocked_spd_inverse(matrix: Array, *, block: int = _CHOLESKY_BLOCK) -> Array
   """``M⁻¹ = L⁻ᵀL⁻¹`` of a symmetric positive-definite ``M = LLᵀ``, as LAPACK
   ``potrf`` + ``potri``, by 2×2 block recursions whose work (``≈ n³`` flops) is matrix
   products, down to LAPACK on blocks of at most ``block`` rows
-  (:func:`_inverse_cholesky_factor`, then ``L⁻ᵀL⁻¹`` as ``lauum``). A Cholesky solve
+  (``_inverse_cholesky_factor``, then ``L⁻ᵀL⁻¹`` as ``lauum``). A Cholesky solve
   against the identity instead spends ``2n³`` flops in single-core LAPACK triangular
   solves after a single-core factorisation. The rounding is that of a blocked Cholesky
   factorisation; an inverse built on explicit Schur complements ``C − BᵀA⁻¹B`` loses
