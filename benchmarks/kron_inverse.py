@@ -32,10 +32,10 @@ INVERSES = ("cholesky", "eigh", "eigh_exact")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def measure(name: str, steps: int) -> dict:
+def measure(name: str, steps: int, inverses=INVERSES) -> dict:
   prob = suite.problem(name)
   runs = {"adam": suite.Run(prob, optax.adam(1e-3), second_order=False)}
-  for inverse in INVERSES:
+  for inverse in inverses:
     runs[f"kfac {inverse}"] = suite.Run(prob, curvax.kfac(prob.loss, inverse=inverse),
                                         second_order=True)
   runs["ekfac"] = suite.Run(prob, curvax.ekfac(prob.loss), second_order=True)
@@ -56,17 +56,22 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--problems", default="autoencoder,mlp,cnn")
   parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--inverses", default=",".join(INVERSES),
+                      help="the curvax.kfac inverse= rows beside Adam and EKFAC")
   args = parser.parse_args(argv)
-  results = {}
+  command = (f"python -m benchmarks.kron_inverse --problems {args.problems} "
+             f"--steps {args.steps} --inverses {args.inverses}")
+  path = RESULTS / "kron_inverse.json"
+  # Runs merge into the file per problem: each problem's rows come from one process.
+  evidence = (json.loads(path.read_text()) if path.exists()
+              else {"unit_steps": UNIT, "results": {}})
   for name in args.problems.split(","):
-    results[name] = measure(name, args.steps)
-    print(name, json.dumps(results[name]), flush=True)
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / "kron_inverse.json").write_text(json.dumps(
-      {"command": f"python -m benchmarks.kron_inverse --problems {args.problems} "
-                  f"--steps {args.steps}", "unit_steps": UNIT, "results": results},
-      indent=1))
-  return results
+    rows = measure(name, args.steps, [i for i in args.inverses.split(",") if i])
+    evidence["results"][name] = {"command": command, **rows}
+    print(name, json.dumps(rows), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(evidence, indent=1))
+  return evidence["results"]
 
 
 if __name__ == "__main__":
