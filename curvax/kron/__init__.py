@@ -17,7 +17,8 @@ The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curva
   applies the factored-damping preconditioner (:mod:`curvax.kron.inverse`);
 * :mod:`curvax.kron.eigen` keeps the factors as eigenbases instead (``inverse="eigh"``
   / ``"eigh_exact"``): one ``eigh`` per factor serves every damping, with factored or
-  exact Tikhonov damping;
+  exact Tikhonov damping; :mod:`curvax.kron.ekfac` re-estimates the diagonal in those
+  eigenbases from per-example gradients (:func:`curvax.ekfac`);
 * :mod:`curvax.kron.stages` is one step of those solvers as named stages (estimate →
   represent → precondition → α/μ model and γ rule → τ rule → guard), with the factors'
   representation one pluggable piece.
@@ -25,6 +26,7 @@ The building blocks of :func:`curvax.kfac`, :func:`curvax.kflr` and :func:`curva
 
 from curvax.kron import capture as capture_lib
 from curvax.kron import eigen
+from curvax.kron import ekfac
 from curvax.kron import factors
 from curvax.kron import full_blocks
 from curvax.kron import inverse
@@ -39,7 +41,7 @@ from curvax.kron.factors import kfra as kfra_factors
 from curvax.kron.inverse import damped_inverses, damped_kron_inverse, factored_inverse
 
 __all__ = [
-    "capture_lib", "eigen", "factors", "full_blocks", "inverse", "state", "stages", "FullBlock",
+    "capture_lib", "eigen", "ekfac", "factors", "full_blocks", "inverse", "state", "stages", "FullBlock",
     "Block", "Capture", "LayerCall", "capture", "conv_patches", "dense",
     "Estimate", "chain_activations", "kfac_factors", "kflr_factors", "kfra_factors",
     "damped_inverses", "damped_kron_inverse", "factored_inverse",
