@@ -14,7 +14,7 @@ start and the end, its curve, and whether it passed: every loss finite and the l
 below the first. Rows also carry ``num_skipped`` and ``num_rolled_back`` from the
 solver state. Writes ``benchmarks/results/defaults_stable.json`` (rows merged into an
 earlier file, so a run over one solver or problem updates just those) and prints the
-markdown table of ``README.md``. ``--scale`` < 1 shrinks the MNIST problems' data and
+markdown table of ``docs/guides/reliability.md``. ``--scale`` < 1 shrinks the MNIST problems' data and
 batches (``tests/test_defaults_stable.py`` runs tiny versions).
 """
 
@@ -43,7 +43,7 @@ PROBLEMS = ("autoencoder", "mlp", "cnn", "mixture", "transformer")
 class TinyCNN(nn.Module):
   """A small ReLU CNN (3×3 convolutions with 8 and 16 channels, 2×2 max-pooling, a
   linear read-out) for the tiny problems: where L-SR1's model step without its trust
-  region diverged fastest (``README.md``)."""
+  region diverged fastest (``docs/api/lsr1.md``)."""
   num_classes: int = 10
 
   @nn.compact
@@ -134,7 +134,7 @@ def run_row(solver: str, name: str, steps: int, *, scale: float = 1.0,
 
 
 def markdown(evidence: dict) -> str:
-  """The README table: start → final loss per solver and problem, ✗ where it failed."""
+  """The docs' table (docs/guides/reliability.md): start → final loss per solver and problem, ✗ where it failed."""
   problems = [p for p in PROBLEMS if any(p in rows for rows in evidence["rows"].values())]
   lines = ["| solver | " + " | ".join(problems) + " |",
            "|---|" + "---|" * len(problems)]

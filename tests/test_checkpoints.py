@@ -1,7 +1,7 @@
 """Save → restore → continue, for every solver, with orbax and flax.serialization.
 
 A checkpoint holds arrays only; the state's NamedTuple types come from a template (a
-fresh ``tx.init(params)``), as documented in the README. The reference is the same
+fresh ``tx.init(params)``), as documented in docs/guides/checkpoints.md. The reference is the same
 solver's uninterrupted run, bit for bit on CPU. The solvers, batches and jitted steps
 are those of ``tests/test_reliability.py`` (shared, so each step compiles once).
 """

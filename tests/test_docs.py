@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -166,3 +167,24 @@ def test_chromium_renders_the_page(site, page, tmp_path):
       capture_output=True, text=True, timeout=180).stdout
   expected = "Guides" if page == "index.html" else "curvax.kflr"
   assert expected in dom and "curvax" in dom, f"{page}: the DOM lacks {expected!r}"
+
+
+def test_readme_is_a_landing_page_whose_links_resolve():
+  """README.md: at most 150 lines, the two commands first, `make docs` named, and every
+  relative link (into docs/, the notebooks, the headline PNG) to a file that exists."""
+  text = (REPO / "README.md").read_text()
+  assert len(text.splitlines()) <= 150, len(text.splitlines())
+  assert "make demo" in text.split("\n## ")[0] and "make test" in text.split("\n## ")[0]
+  assert "make docs" in text and "docs/_build/html/index.html" in text
+  links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+  assert any(link.startswith("docs/") for link in links)
+  broken = [link for link in links if "://" not in link and not (REPO / link).exists()]
+  assert not broken, f"README links to missing files: {broken}"
+
+
+def test_benchmark_writers_find_their_markers():
+  """The blocks benchmarks rewrite are where their writers look for them."""
+  from benchmarks import time_to_loss, time_to_result
+  for module in (time_to_loss, time_to_result):
+    text = module.README.read_text()
+    assert module._BEGIN in text and module._END in text, (module.__name__, module.README)
