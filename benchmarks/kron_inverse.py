@@ -62,14 +62,12 @@ def main(argv=None) -> dict:
   command = (f"python -m benchmarks.kron_inverse --problems {args.problems} "
              f"--steps {args.steps} --inverses {args.inverses}")
   path = RESULTS / "kron_inverse.json"
-  # Runs merge into the file row by row.
   evidence = (json.loads(path.read_text()) if path.exists()
               else {"unit_steps": UNIT, "results": {}})
   for name in args.problems.split(","):
     rows = measure(name, args.steps, [i for i in args.inverses.split(",") if i])
-    # Each row keeps the command of the process it came from (ratios are per process).
-    for label, row in rows.items():
-      evidence["results"].setdefault(name, {})[label] = {**row, "command": command}
+    # One entry per process: its step ratios compare with each other only.
+    evidence["results"].setdefault(name, []).append({"command": command, "rows": rows})
     print(name, json.dumps(rows), flush=True)
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(evidence, indent=1))
