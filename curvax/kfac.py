@@ -265,16 +265,22 @@ def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stag
     velocity = optax.tree.where(taken, velocity, state.velocity)
     num_rejected = num_rejected + jnp.where(taken, 0, 1).astype(num_rejected.dtype)
   f32 = lambda v: v.astype(jnp.float32)
+  # A landing can leave the batch's loss and factor estimate finite but huge (1e29 for a
+  # ReLU network's squared error) while the step overflows: the factors and their
+  # representation then come back from before the batch, or a rollback would keep them
+  # and every later step would overflow on them. A cond (one branch's buffers), not a
+  # select pass over every factor.
+  factors, representation = jax.lax.cond(
+      finite, lambda: (factors, chosen.representation),
+      lambda: (state.factors, state.inverse))
   new_state = KFACState(
-      factors=factors, inverse=chosen.representation, velocity=velocity,
+      factors=factors, inverse=representation, velocity=velocity,
       gamma=f32(chosen.gamma), tau=f32(new_tau), count=state.count + 1,
       loss=f32(ctx.loss_value), alpha=f32(chosen.alpha), mu=f32(chosen.mu),
       reduction_ratio=f32(ratio), num_skipped=state.num_skipped,
       num_rejected=num_rejected, num_rolled_back=state.num_rolled_back)
-  # Neither the factors (gated in estimate_factors) nor the representation need the
-  # guard's select: a skipped batch leaves the count unchanged, so the next step
-  # refreshes the representation (and reruns the γ rule) before it is used again; a
-  # stored representation is only read after the refresh step that wrote it was taken.
+  # Neither the factors nor the representation need the guard's select: they were
+  # chosen above.
   raised = damping_lib.tau_rule(
       state.tau.astype(ctx.dtype), jnp.asarray(-jnp.inf, ctx.dtype),
       factor=jnp.asarray(settings.tau_factor, ctx.dtype),
