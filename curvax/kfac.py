@@ -101,7 +101,8 @@ class KFACState(NamedTuple):
     inverse: the factors' representation: their damped inverses for the current
       ``γ`` (``inverse="cholesky"``), refreshed every ``inverse_period`` steps and on
       γ-rule steps; or their eigenbases (:class:`curvax.kron.eigen.Eigenbasis`),
-      refreshed every ``inverse_period`` steps.
+      refreshed every ``inverse_period`` steps; for :func:`ekfac`, the eigenbases
+      and the diagonal re-estimated in them (:class:`curvax.kron.ekfac.Corrected`).
     velocity: the last step applied to the parameters, in the parameters' dtypes
       (zero at ``init`` and after a rollback): ``δ_prev`` of the momentum term
       (``momentum=True``) and what a rollback reverses.
@@ -136,7 +137,7 @@ class KFACState(NamedTuple):
       (:mod:`curvax.nonfinite`).
   """
   factors: kron_state.Factors
-  inverse: Any  # kron_state.Inverse or curvax.kron.eigen.Eigenbasis
+  inverse: Any  # kron_state.Inverse, kron.eigen.Eigenbasis or kron.ekfac.Corrected
   velocity: Optional[PyTree]
   gamma: jax.Array
   tau: jax.Array
@@ -183,8 +184,8 @@ def kronecker_factored(loss: "losses_lib.Loss | str",
       inverse_period=inverse_period, tau_period=tau_period, tau_factor=tau_factor,
       gamma_period=gamma_period, gamma_factor=gamma_factor, min_damping=min_damping,
       max_damping=max_damping, min_tau=min_tau, momentum=momentum,
-      momentum_bounds=momentum_bounds, fallback=fallback, max_factor_dim=max_factor_dim, seed=seed, axis_name=axis_name,
-      curvature_fraction=curvature_fraction)
+      momentum_bounds=momentum_bounds, fallback=fallback, max_factor_dim=max_factor_dim,
+      seed=seed, axis_name=axis_name, curvature_fraction=curvature_fraction)
   representation = _representation(name, inverse)
 
   def init_fn(params):
@@ -297,7 +298,8 @@ def _finish(state: KFACState, ctx: stages.Context, factors, accept, chosen: stag
 def _settings(name: str, *, learning_rate, gamma, tau, weight_decay, factor_decay,
               factor_period, inverse_period, tau_period, tau_factor, gamma_period,
               gamma_factor, min_damping, max_damping, min_tau, momentum, momentum_bounds,
-              fallback, max_factor_dim, seed, axis_name, curvature_fraction) -> stages.Settings:
+              fallback, max_factor_dim, seed, axis_name,
+              curvature_fraction) -> stages.Settings:
   """Validates :func:`kronecker_factored`'s arguments (clear errors at build time, for
   every value known then) into :class:`curvax.kron.stages.Settings`."""
   label = lambda arg: f"{name}: {arg}"
