@@ -1,14 +1,18 @@
 """EKFAC's initial damping γ, chosen by progress per update on the shipped problems.
 
-    python -m benchmarks.ekfac_defaults [--problems autoencoder,mlp] [--steps 60]
+    python -m benchmarks.ekfac_defaults [--problems autoencoder,mlp,cnn] [--steps 60]
                                         [--gammas 3e-4,3e-3,3e-2,3e-1]
+                                        [--forms exact,factored]
+                                        [--inverse-period 5]
 
 EKFAC's damping is exact, ``(S + γ)⁻¹`` in the eigenbasis, where KFAC's factored damping
 adds ``π√γ`` and ``√γ/π`` to the factors: the same γ damps EKFAC far less (the
-autoencoder stays on its plateau with KFAC's ``γ = 3·10⁻⁴``). Every run starts from the
+autoencoder stays on its plateau with KFAC's ``γ = 3·10⁻⁴``); ``damping_form="factored"``
+adds what KFAC's factored damping adds to ``s_Q ⊗ s_𝒢``. Every run starts from the
 same parameters and sees the same batches; reported: the probe loss after ``--steps``
 updates per γ, beside KFAC with its defaults. Writes
-``benchmarks/results/ekfac_defaults.json`` (merged per problem).
+``benchmarks/results/ekfac_defaults.json`` (rows merged per problem, each with its
+command).
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from curvax.problems import suite
 RESULTS = pathlib.Path(__file__).parent / "results" / "ekfac_defaults.json"
 
 
-def measure(name: str, steps: int, gammas) -> dict:
+def measure(name: str, steps: int, gammas, forms, inverse_period: int) -> dict:
   prob = suite.problem(name)
   rows = {}
   runs = {"kfac (defaults)": curvax.kfac(prob.loss)}
-  runs.update({f"ekfac gamma={g:g}": curvax.ekfac(prob.loss, gamma=g) for g in gammas})
+  for form in forms:
+    suffix = "" if form == "exact" else f" {form}"
+    if inverse_period != 5:
+      suffix += f" inverse_period={inverse_period}"
+    runs.update({f"ekfac gamma={g:g}{suffix}": curvax.ekfac(
+        prob.loss, gamma=g, damping_form=form, inverse_period=inverse_period)
+                 for g in gammas})
   for label, tx in runs.items():
     run = suite.Run(prob, tx, second_order=True)
     run.advance(steps=steps)
@@ -42,13 +52,19 @@ def main(argv=None) -> dict:
   parser.add_argument("--problems", default="autoencoder,mlp")
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--gammas", default="3e-4,3e-3,3e-2,3e-1")
+  parser.add_argument("--forms", default="exact,factored")
+  parser.add_argument("--inverse-period", type=int, default=5)
   args = parser.parse_args(argv)
   gammas = [float(g) for g in args.gammas.split(",")]
   evidence = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
   for name in args.problems.split(","):
-    evidence[name] = {"command": f"python -m benchmarks.ekfac_defaults --problems {name} "
-                                 f"--steps {args.steps} --gammas {args.gammas}",
-                      "rows": measure(name, args.steps, gammas)}
+    command = (f"python -m benchmarks.ekfac_defaults --problems {name} --steps "
+               f"{args.steps} --gammas {args.gammas} --forms {args.forms} "
+               f"--inverse-period {args.inverse_period}")
+    rows = measure(name, args.steps, gammas, args.forms.split(","), args.inverse_period)
+    entry = evidence.setdefault(name, {"rows": {}})
+    for label, row in rows.items():
+      entry["rows"][label] = {**row, "command": command}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(evidence, indent=1))
   return evidence

@@ -678,7 +678,7 @@ def kfra(loss: "losses_lib.Loss | str", *,
 @_documented
 def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
           num_samples: Optional[int] = None, weight_sharing: str = "expand",
-          max_columns: Optional[float] = None,
+          max_columns: Optional[float] = None, damping_form: str = "exact",
           **kwargs) -> optax.GradientTransformationExtraArgs:
   """EKFAC (George et al. 2018): KFAC in the factors' eigenbasis with the diagonal there
   re-estimated from per-example gradients (:mod:`curvax.kron.ekfac`).
@@ -699,7 +699,10 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
     num_samples: Monte-Carlo samples per step with ``"fisher"`` (``None``: 1).
     {weight_sharing} (The diagonal always uses each example's exact gradient, summed
       over its positions.)
-    max_columns: with ``"ggn"``, as :func:`kflr`.{common}
+    max_columns: with ``"ggn"``, as :func:`kflr`.
+    damping_form: ``"exact"`` (the paper's: ``S + k``) or ``"factored"``: ``S`` plus
+      what KFAC's factored damping adds to ``s_Q ⊗ s_𝒢`` (``s_Q ω⁻¹√k + ω√k s_𝒢 + k``,
+      eq. 36–38), which damps directions with a large factor eigenvalue more.{common}
 
   ``inverse`` is EKFAC's own representation and cannot be chosen."""
   if "inverse" in kwargs:
@@ -707,7 +710,12 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
                      "its corrected eigenbasis (use curvax.kfac(loss, inverse=...) for "
                      "the others).")
   kwargs = _common("curvax.ekfac", kwargs,
-                   own=("curvature", "num_samples", "weight_sharing", "max_columns"))
+                   own=("curvature", "num_samples", "weight_sharing", "max_columns",
+                        "damping_form"))
+  forms = {"exact": stages.EKFAC, "factored": stages.EKFAC_FACTORED}
+  if damping_form not in forms:
+    raise ValueError(f"curvax.ekfac: damping_form must be 'exact' or 'factored', got "
+                     f"{damping_form!r}.")
   if curvature == "fisher":
     estimator = _fisher_estimator("curvax.ekfac", loss, num_samples, weight_sharing,
                                   kwargs)
@@ -717,5 +725,6 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
     raise ValueError(f"curvax.ekfac: curvature must be 'fisher' or 'ggn', got "
                      f"{curvature!r}.")
   estimator = functools.partial(estimator, examples=True)
-  return kronecker_factored(loss, estimator, name="curvax.ekfac", inverse=stages.EKFAC,
+  return kronecker_factored(loss, estimator, name="curvax.ekfac",
+                            inverse=forms[damping_form],
                             **kwargs)

@@ -144,6 +144,25 @@ def test_one_example_gives_the_exact_block_and_its_damped_solve():
     np.testing.assert_allclose(got, solved, rtol=1e-8, atol=1e-12)
 
 
+def test_factored_damping_with_kfac_eigenvalues_is_kfac():
+  """``damping_form="factored"`` adds to ``S`` what KFAC's factored damping adds to
+  ``s_Q ⊗ s_𝒢``: with ``S`` replaced by ``s_Q ⊗ s_𝒢`` the step is KFAC's (eq. 36–38,
+  :data:`stages.EIGH`), and with the real ``S`` it is not."""
+  params, x, y, ctx, factors, rep = _step_zero(batch=5, positions=3)
+  basis = rep.basis
+  kfac_scales = tuple(None if s is None else basis.q_values[i][:, None]
+                      * basis.g_values[i][None, :] for i, s in enumerate(rep.scales))
+  damping = jnp.asarray(K)
+  kfac = stages.EIGH.precondition(ctx.capture, ctx.grad, factors, basis, damping)
+  as_kfac = stages.EKFAC_FACTORED.precondition(
+      ctx.capture, ctx.grad, factors, rep._replace(scales=kfac_scales), damping)
+  corrected = stages.EKFAC_FACTORED.precondition(ctx.capture, ctx.grad, factors, rep,
+                                                 damping)
+  for name in params:
+    np.testing.assert_allclose(as_kfac[name], kfac[name], rtol=1e-9, atol=1e-13)
+  assert not np.allclose(corrected["w1"], kfac["w1"], rtol=1e-3)
+
+
 def test_example_scales_positions_loop_matches_outer_products():
   """The per-example loop (``T > 1``) and the one-matmul path (``T = 1``) agree with a
   literal sum of squared rotated outer products, including a zero-padded bias slot."""
@@ -167,8 +186,8 @@ def test_ekfac_trains():
   mlp = ref.tiny_mlp(batch=16)
   predict = lambda p: kron.dense(jnp.tanh(kron.dense(mlp.x, p["w1"], p["b1"])),
                                  p["w2"], p["b2"])
-  for curvature in ("fisher", "ggn"):
-    tx = curvax.ekfac("softmax_cross_entropy", curvature=curvature)
+  for curvature, form in (("fisher", "exact"), ("ggn", "exact"), ("fisher", "factored")):
+    tx = curvax.ekfac("softmax_cross_entropy", curvature=curvature, damping_form=form)
     step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=predict,
                                           targets=mlp.y))
     params, state = mlp.params, tx.init(mlp.params)
@@ -183,6 +202,8 @@ def test_ekfac_trains():
 def test_bad_arguments():
   with pytest.raises(ValueError, match="inverse= does not apply"):
     curvax.ekfac("softmax_cross_entropy", inverse="eigh")
+  with pytest.raises(ValueError, match="damping_form must be"):
+    curvax.ekfac("softmax_cross_entropy", damping_form="factorised")
   with pytest.raises(ValueError, match="curvature must be"):
     curvax.ekfac("softmax_cross_entropy", curvature="hessian")
   with pytest.raises(TypeError, match="did you mean 'num_samples'"):

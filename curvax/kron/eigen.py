@@ -102,15 +102,27 @@ def _rotate(vectors: Optional[Array], matrix: Array, *, left: bool, inverse: boo
   return (matrix @ vectors.T) if inverse else (matrix @ vectors)
 
 
+def damping_terms(basis: Eigenbasis, i: int, damping: Array, *, q_dim: int, g_dim: int,
+                  exact: bool) -> Array:
+  """``D − s_Q s_𝒢ᵀ``: what the damping adds to the block's eigenvalues — ``k``, or for
+  the factored form ``s_Q ω⁻¹√k + ω√k s_𝒢 + k`` (the expanded product)."""
+  s_q, s_g = basis.q_values[i], basis.g_values[i]
+  k = jnp.asarray(damping, s_q.dtype)
+  if exact:
+    return jnp.broadcast_to(k, (s_q.shape[0], s_g.shape[0]))
+  q_damping, g_damping = damping_lib.factored_tikhonov(
+      jnp.sum(s_q), q_dim, jnp.sum(s_g), g_dim, k)
+  return (s_q[:, None] * g_damping + q_damping * s_g[None, :]) + q_damping * g_damping
+
+
 def block_denominator(basis: Eigenbasis, i: int, damping: Array, *, q_dim: int,
                       g_dim: int, exact: bool) -> Array:
   """``D`` of the module docstring for the block whose kernel is leaf ``i``."""
   s_q, s_g = basis.q_values[i], basis.g_values[i]
-  k = jnp.asarray(damping, s_q.dtype)
   if exact:
-    return s_q[:, None] * s_g[None, :] + k
+    return s_q[:, None] * s_g[None, :] + jnp.asarray(damping, s_q.dtype)
   q_damping, g_damping = damping_lib.factored_tikhonov(
-      jnp.sum(s_q), q_dim, jnp.sum(s_g), g_dim, k)
+      jnp.sum(s_q), q_dim, jnp.sum(s_g), g_dim, jnp.asarray(damping, s_q.dtype))
   return (s_q + q_damping)[:, None] * (s_g + g_damping)[None, :]
 
 

@@ -111,22 +111,29 @@ def correct(rep: Corrected, capture: Capture, estimate: Estimate, *, decay, firs
   return rep._replace(scales=tuple(scales))
 
 
-def precondition(capture: Capture, grad, factors: kron_state.Factors, rep: Corrected,
-                 damping: Array, *, fallback: str = "diagonal"):
-  """``δ̃``: per block ``U_Q [(U_Qᵀ V U_𝒢) / (S + k)] U_𝒢ᵀ`` (an embedding's block with
-  ``s_Q s_𝒢ᵀ + k``), per full block ``U [(Uᵀ v) / (s + k)]``, fallback leaves as
+def preconditioner(factored: bool):
+  """EKFAC's ``precondition`` (a :class:`curvax.kron.stages.Representation` field): per
+  block ``U_Q [(U_Qᵀ V U_𝒢) / (S + d)] U_𝒢ᵀ`` with ``d = k`` (exact damping) or, with
+  ``factored``, ``d = s_Q ω⁻¹√k + ω√k s_𝒢 + k`` — what KFAC's factored damping (eq.
+  36–38) adds to ``s_Q ⊗ s_𝒢`` (:func:`curvax.kron.eigen.damping_terms`); an embedding's
+  block with ``s_Q s_𝒢ᵀ + d``; per full block ``U [(Uᵀ v) / (s + k)]``; fallback leaves as
   :func:`curvax.kron.state.apply_blocks`."""
-  basis = rep.basis
 
-  def block_solve(block, v):
-    i = block.kernel
-    scales = rep.scales[i]
-    if scales is None:
-      denominator = eigen.block_denominator(basis, i, damping, q_dim=block.q_dim,
-                                            g_dim=block.out_dim, exact=True)
-    else:
-      denominator = scales + jnp.asarray(damping, scales.dtype)
-    return eigen.precondition_block(basis, i, v.astype(denominator.dtype), denominator)
+  def precondition(capture: Capture, grad, factors: kron_state.Factors, rep: Corrected,
+                   damping: Array, *, fallback: str = "diagonal"):
+    basis = rep.basis
 
-  return kron_state.apply_blocks(capture, grad, factors, damping, block_solve,
-                                 eigen.full_solver(basis, damping), fallback=fallback)
+    def block_solve(block, v):
+      i = block.kernel
+      scales = rep.scales[i]
+      if scales is None:
+        scales = basis.q_values[i][:, None] * basis.g_values[i][None, :]
+      denominator = scales + eigen.damping_terms(
+          basis, i, damping, q_dim=block.q_dim, g_dim=block.out_dim,
+          exact=not factored).astype(scales.dtype)
+      return eigen.precondition_block(basis, i, v.astype(denominator.dtype), denominator)
+
+    return kron_state.apply_blocks(capture, grad, factors, damping, block_solve,
+                                   eigen.full_solver(basis, damping), fallback=fallback)
+
+  return precondition

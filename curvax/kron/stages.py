@@ -105,8 +105,10 @@ REPRESENTATIONS = {"cholesky": CHOLESKY, "eigh": EIGH, "eigh_exact": EIGH_EXACT}
 # The eigenbases with the diagonal re-estimated in them (curvax.kron.ekfac): needs an
 # estimator that keeps the per-example rows (curvax.ekfac).
 EKFAC = Representation(init=ekfac.init, refresh=ekfac.refresh,
-                       precondition=ekfac.precondition, depends_on_damping=False,
-                       correct=ekfac.correct)
+                       precondition=ekfac.preconditioner(factored=False),
+                       depends_on_damping=False, correct=ekfac.correct)
+# EKFAC with what KFAC's factored damping adds to the eigenvalues (curvax.kron.ekfac).
+EKFAC_FACTORED = EKFAC._replace(precondition=ekfac.preconditioner(factored=True))
 
 
 class Context(NamedTuple):
