@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import time_to_loss, transformer_lm
+import curvax
 from curvax import losses
 from curvax.problems import datasets, mixture, models, suite, text
 
 RESULTS = time_to_loss.RESULTS / "defaults_stable.json"
-SOLVERS = ("kfac", "kflr", "kfra", "curveball", "hessian_free", "sqn", "lsr1")
+SOLVERS = ("kfac", "kflr", "kfra", "ekfac", "curveball", "hessian_free", "sqn", "lsr1")
 PROBLEMS = ("autoencoder", "mlp", "cnn", "mixture", "transformer")
 
 
@@ -99,7 +100,7 @@ def build(solver: str, prob) -> object:
   if solver == "kfra":
     extra["activations"] = (prob.activation if isinstance(prob, suite.Problem)
                             else jax.nn.gelu)  # refused: the transformer is no chain
-  return time_to_loss.SOLVERS[solver](loss, **extra)
+  return {**time_to_loss.SOLVERS, "ekfac": curvax.ekfac}[solver](loss, **extra)
 
 
 def run_row(solver: str, name: str, steps: int, *, scale: float = 1.0,

@@ -13,7 +13,9 @@ batch stream for every optimiser (from the step count and a seed).
   the step's measured time); the peak learning rate is the best of a small grid, each
   run for ``budget / 4`` on a separate seed (initialisation and batches).
 * ``kfac`` (defaults), ``kfac/reduce`` (``weight_sharing="reduce"``), ``curveball``,
-  ``hessian_free``: no tuning argument (``--solvers`` adds ``sqn``, ``lsr1``, ``kflr``).
+  ``hessian_free``: no tuning argument (``--solvers`` adds ``sqn``, ``lsr1``, ``kflr``,
+  ``ekfac`` and ``soap``: SOAP with its defaults, a constant rate, gradients in; its
+  tuned comparison with AdamW is ``benchmarks/soap_vs_adamw.py``).
 * ``adamw@kfac``: AdamW with the tuned rate scheduled over exactly as many updates as
   ``kfac`` made in its budget — the per-update baseline: "AdamW's final validation loss
   in that many updates".
@@ -59,7 +61,9 @@ SOLVERS: dict[str, Callable] = {
     "lsr1": lambda: curvax.lsr1(LOSS),
     "kflr": lambda: curvax.kflr(LOSS),
     "ekfac": lambda: curvax.ekfac(LOSS),
+    "soap": lambda: curvax.soap(),  # its defaults (lr 3e-3, constant), gradients in
 }
+FIRST_ORDER = ("soap",)
 DEFAULT_SOLVERS = ("kfac", "kfac/reduce", "curveball", "hessian_free")
 RATES = (1e-3, 3e-3, 1e-2)
 WARMUP = 0.05  # share of the scheduled steps
@@ -191,8 +195,8 @@ def run(*, budget: float = 50.0, solvers=DEFAULT_SOLVERS, small: bool = False,
   progress.update(1)
   for name in solvers:
     progress.set_postfix_str(name)
-    curves[name] = run_one(prob, SOLVERS[name](), second_order=True, budget=budget,
-                           seed=seed, eval_every=eval_every)
+    curves[name] = run_one(prob, SOLVERS[name](), second_order=name not in FIRST_ORDER,
+                           budget=budget, seed=seed, eval_every=eval_every)
     progress.update(1)
   if "kfac" in curves:
     # The per-update baseline: AdamW's schedule over exactly the updates KFAC made.
