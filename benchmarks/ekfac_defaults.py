@@ -1,6 +1,6 @@
 """EKFAC's initial damping γ, chosen by progress per update on the shipped problems.
 
-    python -m benchmarks.ekfac_defaults [--problems autoencoder,mlp,cnn] [--steps 60]
+    python -m benchmarks.ekfac_defaults [--problems autoencoder,mlp,cnn,transformer] [--steps 60]
                                         [--gammas 3e-4,3e-3,3e-2,3e-1]
                                         [--forms exact,factored]
                                         [--inverse-period 5]
@@ -21,28 +21,43 @@ import argparse
 import json
 import pathlib
 
+import numpy as np
+
+from benchmarks import transformer_lm
 import curvax
 from curvax.problems import suite
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "ekfac_defaults.json"
 
 
+def _final_loss(name: str, prob, tx, steps: int) -> dict:
+  """The probe loss after ``steps`` updates (the validation loss for the transformer)."""
+  if name == "transformer":
+    record = transformer_lm.run_one(prob, tx, second_order=True, max_steps=steps, seed=0,
+                                    eval_every=np.inf)
+    return {"probe_loss": record["validation_loss"][-1]}
+  run = suite.Run(prob, tx, second_order=True)
+  run.advance(steps=steps)
+  return {"probe_loss": run.record["loss"][-1], "num_skipped": int(run.state.num_skipped)}
+
+
 def measure(name: str, steps: int, gammas, forms, inverse_period: int) -> dict:
-  prob = suite.problem(name)
+  if name == "transformer":  # benchmarks.transformer_lm's small model
+    prob, loss = transformer_lm.problem(small=True), transformer_lm.LOSS
+  else:
+    prob = suite.problem(name)
+    loss = prob.loss
   rows = {}
-  runs = {"kfac (defaults)": curvax.kfac(prob.loss)}
+  runs = {"kfac (defaults)": curvax.kfac(loss)}
   for form in forms:
     suffix = "" if form == "exact" else f" {form}"
     if inverse_period != 5:
       suffix += f" inverse_period={inverse_period}"
     runs.update({f"ekfac gamma={g:g}{suffix}": curvax.ekfac(
-        prob.loss, gamma=g, damping_form=form, inverse_period=inverse_period)
+        loss, gamma=g, damping_form=form, inverse_period=inverse_period)
                  for g in gammas})
   for label, tx in runs.items():
-    run = suite.Run(prob, tx, second_order=True)
-    run.advance(steps=steps)
-    rows[label] = {"probe_loss": run.record["loss"][-1],
-                   "num_skipped": int(run.state.num_skipped)}
+    rows[label] = _final_loss(name, prob, tx, steps)
     print(name, label, json.dumps(rows[label]), flush=True)
   return rows
 
