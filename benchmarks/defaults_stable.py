@@ -39,6 +39,7 @@ from curvax.problems import datasets, mixture, models, suite, text
 RESULTS = time_to_loss.RESULTS / "defaults_stable.json"
 SOLVERS = ("kfac", "kflr", "kfra", "ekfac", "curveball", "hessian_free", "sqn", "lsr1")
 PROBLEMS = ("autoencoder", "mlp", "cnn", "mixture", "transformer")
+BUILDERS = {**time_to_loss.SOLVERS, "ekfac": curvax.ekfac}
 
 
 class TinyCNN(nn.Module):
@@ -100,7 +101,7 @@ def build(solver: str, prob) -> object:
   if solver == "kfra":
     extra["activations"] = (prob.activation if isinstance(prob, suite.Problem)
                             else jax.nn.gelu)  # refused: the transformer is no chain
-  return {**time_to_loss.SOLVERS, "ekfac": curvax.ekfac}[solver](loss, **extra)
+  return BUILDERS[solver](loss, **extra)
 
 
 def run_row(solver: str, name: str, steps: int, *, scale: float = 1.0,

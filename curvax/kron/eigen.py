@@ -119,10 +119,11 @@ def block_denominator(basis: Eigenbasis, i: int, damping: Array, *, q_dim: int,
                       g_dim: int, exact: bool) -> Array:
   """``D`` of the module docstring for the block whose kernel is leaf ``i``."""
   s_q, s_g = basis.q_values[i], basis.g_values[i]
+  k = jnp.asarray(damping, s_q.dtype)
   if exact:
-    return s_q[:, None] * s_g[None, :] + jnp.asarray(damping, s_q.dtype)
+    return s_q[:, None] * s_g[None, :] + k
   q_damping, g_damping = damping_lib.factored_tikhonov(
-      jnp.sum(s_q), q_dim, jnp.sum(s_g), g_dim, jnp.asarray(damping, s_q.dtype))
+      jnp.sum(s_q), q_dim, jnp.sum(s_g), g_dim, k)
   return (s_q + q_damping)[:, None] * (s_g + g_damping)[None, :]
 
 
