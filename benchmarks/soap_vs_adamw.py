@@ -1,11 +1,12 @@
 """curvax.soap vs optax.adamw on the byte-level transformer: wall-clock to a validation loss.
 
-    python -m benchmarks.soap_vs_adamw [--budget 60] [--small]
+    python -m benchmarks.soap_vs_adamw [--budget 60] [--small] [--soap-rates 3e-3,1e-2,3e-2]
 
 The workload is :mod:`benchmarks.transformer_lm`'s (its model, data, batches, validation
 windows and training loop): every run gets the same wall-clock ``--budget`` of training
 steps on the same batch stream (seed 0), one process, one optimiser after the other.
-Each optimiser runs a grid of 3 peak learning rates, each with a linear warmup (5 %) and
+Each optimiser runs a grid of peak learning rates (3 each by default: the same trial
+budget; ``--adamw-rates`` / ``--soap-rates`` move a grid), each with a linear warmup (5 %) and
 cosine decay to 0 over the steps that fit the budget (from its measured step time):
 
 * ``adamw``: ``optax.adamw`` (optax's defaults otherwise), rates ``transformer_lm.RATES``;
@@ -64,12 +65,15 @@ def step_seconds(prob, seed: int, repeats: int) -> dict:
                        for name, (make, _) in OPTIMISERS.items()}, repeats=repeats)
 
 
-def run(*, budget: float, small: bool, seed: int = 0, repeats: int = 9) -> dict:
+def run(*, budget: float, small: bool, seed: int = 0, repeats: int = 9,
+        rates: dict | None = None) -> dict:
+  """Every optimiser at every rate of its grid (``rates``: name → rates, default the
+  module's grids)."""
   prob = lm.problem(small)
   seconds = step_seconds(prob, seed, repeats)
   curves = {}
-  for name, (make, rates) in OPTIMISERS.items():
-    for rate in rates:
+  for name, (make, default_rates) in OPTIMISERS.items():
+    for rate in (rates or {}).get(name, default_rates):
       planned = max(int(budget / seconds[name]), 2)
       record = lm.run_one(prob, make(rate, planned), second_order=False, budget=budget,
                           seed=seed, eval_every=budget / 30)
@@ -130,11 +134,16 @@ def markdown(summary: dict) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--budget", type=float, default=60.0,
-                      help="seconds of training per run (6 runs)")
+                      help="seconds of training per run (one per rate of each grid)")
   parser.add_argument("--small", action="store_true", help="a tiny model (smoke runs)")
+  for name, (_, default_rates) in OPTIMISERS.items():
+    parser.add_argument(f"--{name}-rates", default=",".join(f"{r:g}" for r in default_rates),
+                        help=f"{name}'s grid of peak learning rates, comma-separated")
   parser.add_argument("--out", default=str(lm.RESULTS / "soap_vs_adamw.json"))
   args = parser.parse_args(argv)
-  result = run(budget=args.budget, small=args.small)
+  grids = {name: tuple(float(r) for r in getattr(args, f"{name}_rates").split(","))
+           for name in OPTIMISERS}
+  result = run(budget=args.budget, small=args.small, rates=grids)
   summary = summarise(result)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
