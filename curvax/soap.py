@@ -51,6 +51,12 @@ Departures, on purpose:
 * ``shampoo_beta=None`` stands for the authors' ``-1`` ("use β₂"); any negative number is
   accepted with the same meaning.
 
+Non-finite gradients: SOAP takes gradients, not a loss, so unlike the curvature solvers
+it has no guard of its own (nothing to roll back to, no damping to raise); as with
+``optax.adamw``, wrap it, ``optax.apply_if_finite(curvax.soap(...), max_consecutive_errors=k)``:
+a NaN or inf gradient then leaves the factors, bases and moments untouched and is
+counted (``tests/test_soap.py``), where unwrapped it would poison them for good.
+
 The whole step is one function, jittable, with the refreshes chosen by
 ``jax.lax.switch`` on ``state.count``; the state's structure is fixed at ``init``.
 """

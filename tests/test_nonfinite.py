@@ -62,6 +62,7 @@ SOLVERS = {
                                                        trust_region=False),
     "kfac": lambda lr=1.0: curvax.kfac(LOSS, learning_rate=lr),
     "kflr": lambda lr=1.0: curvax.kflr(LOSS, learning_rate=lr, momentum=False),
+    "ekfac": lambda lr=1.0: curvax.ekfac(LOSS, learning_rate=lr),
     # Without the τ rule nothing checks the trial point, so the spike lands.
     "kfac/no tau rule": lambda lr=1.0: curvax.kfac(LOSS, learning_rate=lr, tau_period=0),
 }
@@ -87,7 +88,7 @@ def with_last_update(state, update):
   """``state`` recording ``update`` as the last update the solver applied."""
   if hasattr(state, "last_step_scale"):  # CurveBall: α z
     return state._replace(z=update, last_step_scale=jnp.ones((), jnp.float32))
-  if hasattr(state, "velocity"):  # KFAC / KFLR: the last step applied
+  if hasattr(state, "velocity"):  # KFAC / KFLR / EKFAC: the last step applied
     return state._replace(velocity=update)
   if hasattr(state, "trust_radius"):  # SQN / L-SR1: flattened, in float32
     return state._replace(last_update=ravel_pytree(update)[0])

@@ -410,3 +410,29 @@ def test_the_state_round_trips_through_flax_serialization():
   assert restored.q["w"][1] is None and restored.q["b"] == (None,)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
   assert np.any(np.asarray(restored.q["w"][0]) != 0)
+
+
+def test_a_non_finite_gradient_is_skipped_by_optax_apply_if_finite():
+  """SOAP takes gradients, not a loss, so its guard is optax's: a NaN gradient would
+  poison the factors, the bases and the moments for ever; wrapped, it leaves them
+  untouched and is counted."""
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  grads = jax.grad(_quadratic)
+  plain = curvax.soap(learning_rate=0.05, precondition_frequency=2)
+  guarded = optax.apply_if_finite(plain, max_consecutive_errors=3)
+  state, plain_state = guarded.init(params), plain.init(params)
+  for _ in range(3):
+    updates, state = guarded.update(grads(params), state, params)
+    plain_state = plain.update(grads(params), plain_state, params)[1]
+    params = optax.apply_updates(params, updates)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads(params))
+  updates, after = guarded.update(bad, state, params)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  jax.tree.map(np.testing.assert_array_equal, after.inner_state, state.inner_state)
+  assert int(after.notfinite_count) == 1 and int(after.total_notfinite) == 1
+  poisoned = plain.update(bad, plain_state, params)[1]
+  assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(poisoned)
+                 if jnp.issubdtype(x.dtype, jnp.floating))
+  updates, after = guarded.update(grads(params), after, params)  # and it carries on
+  assert int(after.notfinite_count) == 0
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
