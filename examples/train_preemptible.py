@@ -14,8 +14,9 @@ interrupted, bit for bit:
 * the data order is a function of ``(seed, position)`` only (one permutation of the set
   per epoch, drawn from ``(seed, epoch)``), and the position is in the checkpoint;
 * every random number a solver draws (KFAC's sampled targets, Hessian-free's probes) is
-  its seed folded with the step count kept in its state; every periodic rule runs on
-  that count; quasi-Newton pair stores and Polyak's average are state arrays.
+  its seed folded with the step count kept in its state; every periodic rule (EKFAC's
+  and SOAP's basis refreshes included) runs on that count; quasi-Newton pair stores,
+  eigenbases and Polyak's average are state arrays.
 
 A latest checkpoint that cannot be restored (truncated, half-written, a file missing) is
 reported on stderr with its step and the error, deleted, and the previous one used; a
@@ -61,7 +62,11 @@ SOLVERS = {
     "kfac": lambda: curvax.kfac(LOSS, inverse_period=2, tau_period=3, gamma_period=4),
     "kflr": lambda: curvax.kflr(LOSS, inverse_period=2, tau_period=3, gamma_period=4),
     "kfra": lambda: curvax.kfra(LOSS, activations=jnp.tanh, inverse_period=2),
+    "ekfac": lambda: curvax.ekfac(LOSS, inverse_period=2, tau_period=3, gamma_period=4),
+    # Gradients in: SOAP is a first-order transformation (its own count, its bases).
+    "soap": lambda: curvax.soap(learning_rate=0.01, precondition_frequency=2),
 }
+FIRST_ORDER = ("soap",)
 
 
 class MLP(nn.Module):
@@ -105,11 +110,15 @@ class Stream:
     return jnp.asarray(self.x[index]), jnp.asarray(self.y[index])
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation):
+def make_step(model: nn.Module, tx: optax.GradientTransformation, first_order: bool):
+  loss = curvax.losses.get(LOSS)
+
   @jax.jit
   def step(params, opt_state, x, y):
-    updates, opt_state = tx.update(None, opt_state, params,
-                                   predict_fn=lambda p: model.apply(p, x), targets=y)
+    predict = lambda p: model.apply(p, x)
+    # A curvax solver takes the gradient from its own linearisation (updates=None).
+    grads = jax.grad(lambda p: loss.value(predict(p), y))(params) if first_order else None
+    updates, opt_state = tx.update(grads, opt_state, params, predict_fn=predict, targets=y)
     return optax.apply_updates(params, updates), opt_state
   return step
 
@@ -171,7 +180,7 @@ def train(solver: str, directory: pathlib.Path, *, steps: int, every: int, seed:
     killed_marker = directory / "killed"
     if killed_marker.exists():
       kill_at = None  # killed once already: the rerun must finish
-    step = make_step(model, tx)
+    step = make_step(model, tx, solver in FIRST_ORDER)
     params, opt_state = train_state["params"], train_state["opt_state"]
     for i in range(first, steps):
       params, opt_state = step(params, opt_state, *stream.next_batch())

@@ -27,7 +27,8 @@ pytest.importorskip("orbax.checkpoint")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_preemptible.py"
-SOLVERS = ("curveball", "hessian_free", "sqn", "lsr1", "kfac", "kflr", "kfra")
+SOLVERS = ("curveball", "hessian_free", "sqn", "lsr1", "kfac", "kflr", "kfra", "ekfac",
+           "soap")
 STEPS, EVERY = 8, 3
 
 
