@@ -27,6 +27,7 @@ SOLVERS = {
     "kfac": lambda: curvax.kfac(LOSS, inverse_period=2),
     "kflr": lambda: curvax.kflr(LOSS),
     "kfra": lambda: curvax.kfra(LOSS, activations=jnp.tanh),
+    "ekfac": lambda: curvax.ekfac(LOSS, inverse_period=2),
 }
 
 
