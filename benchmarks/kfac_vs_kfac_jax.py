@@ -240,10 +240,13 @@ def emit(rows, name, value, **extra):
   rows.append(row)
 
 
-def build_runners(model, loss, params0, batches, with_kfac_jax, damping):
-  """The optimisers, curvax's γ and τ and kfac-jax's λ all starting at ``damping``."""
+def build_runners(model, loss, params0, batches, with_kfac_jax, damping, min_tau=None):
+  """The optimisers, curvax's γ and τ and kfac-jax's λ all starting at ``damping``
+  (``min_tau``: curvax's floor on τ, ``None`` its default)."""
   curvax_kwargs = dict(inverse_period=INVERSE_PERIOD, momentum=True, gamma=damping,
                        tau=damping, min_damping=min(1e-8, damping))
+  if min_tau is not None:
+    curvax_kwargs["min_tau"] = min_tau
   runners = {
       "curvax.kfac": curvax_runner("curvax.kfac", model, curvax.kfac(loss, **curvax_kwargs),
                                    params0, batches),
@@ -271,7 +274,8 @@ def damping_grid(args, model, loss, params0, batches, probe_loss, config):
   """Loss after ``--steps`` steps of both optimisers for each initial damping."""
   rows = []
   for damping in (float(d) for d in args.damping_grid.split(",")):
-    runners, _ = build_runners(model, loss, params0, batches, True, damping)
+    runners, _ = build_runners(model, loss, params0, batches, True, damping,
+                               args.min_tau)
     curves = train_losses([runners["curvax.kfac"], runners["kfac_jax"]], probe_loss,
                           steps=args.steps, eval_every=args.eval_every)
     row = {"damping": damping, "steps": args.steps,
@@ -281,7 +285,8 @@ def damping_grid(args, model, loss, params0, batches, probe_loss, config):
     print(json.dumps({k: v for k, v in row.items() if k != "curves"}), flush=True)
     rows.append(row)
   RESULTS.mkdir(exist_ok=True)
-  (RESULTS / "kfac_vs_kfac_jax_damping_grid.json").write_text(
+  suffix = "" if args.min_tau is None else f"_min_tau_{args.min_tau:g}"
+  (RESULTS / f"kfac_vs_kfac_jax_damping_grid{suffix}.json").write_text(
       json.dumps({"config": config, "grid": rows}, indent=1))
 
 
@@ -309,6 +314,9 @@ def main(argv=None):
                       help="comma-separated initial dampings: only compare the losses "
                            "after --steps steps for each (e.g. 1e-4,1e-3,1e-2,1e-1,1); "
                            "writes kfac_vs_kfac_jax_damping_grid.json")
+  parser.add_argument("--min-tau", type=float, default=None,
+                      help="curvax's floor on τ (default: curvax's, 3e-2; 0: the paper's "
+                           "rule, like kfac-jax's unfloored damping)")
   parser.add_argument("--openblas-threads", default=None,
                       help="OPENBLAS_NUM_THREADS for jaxlib's LAPACK calls (default 1)")
   parser.add_argument("--no-kfac-jax", action="store_true",
@@ -342,7 +350,7 @@ def main(argv=None):
   probe_loss = jax.jit(lambda p: loss.value(model.apply(p, probe), probe))
 
   runners, curvax_kwargs = build_runners(model, loss, params0, batches, with_kfac_jax,
-                                         args.damping)
+                                         args.damping, args.min_tau)
   config = {
       "architecture": "784-1000-500-250-30-250-500-1000-784 (sigmoid, linear code)",
       "batch_size": args.batch_size, "inverse_period": INVERSE_PERIOD,
