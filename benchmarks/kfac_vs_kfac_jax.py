@@ -3,6 +3,7 @@
     make bench-kfac-jax                       # builds .venv-kfac-jax, then runs this
     .venv-kfac-jax/bin/python -m benchmarks.kfac_vs_kfac_jax [--cycles 6] [--steps 100]
     .venv-kfac-jax/bin/python -m benchmarks.kfac_vs_kfac_jax --damping-grid 1e-4,1e-3,1e-2,1e-1,1
+    .venv-kfac-jax/bin/python -m benchmarks.kfac_vs_kfac_jax --damping-grid 1e-3 --min-tau 0  # the paper's τ rule
 
 Hinton & Salakhutdinov's autoencoder 784-1000-500-250-30-250-500-1000-784 (sigmoid units,
 linear 30-unit code, Bernoulli outputs with binary cross-entropy,
