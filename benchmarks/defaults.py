@@ -70,7 +70,9 @@ CANDIDATES = {
                 dict(trust_region=True)},
     "lsr1": {**_QUASI_NEWTON,
              "no trust region (the model step alone: the default before)":
-                 dict(trust_region=False)},
+                 dict(trust_region=False),
+             "no next-batch check (ρ on the step's batch alone: the default before)":
+                 dict(check_next_batch=False)},
 }
 
 

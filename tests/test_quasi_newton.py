@@ -113,8 +113,10 @@ def test_lsr1_pairs_skipping_and_direction_match_dense_recursion(curvature, peri
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
     lr = 0.5
+    # The next-batch check would bound later steps (random batches: tested apart).
     tx = curvax.lsr1(LOSS, learning_rate=lr, step_size="fixed", memory=4,
-                     skip_tolerance=tolerance, curvature=curvature, pair_period=period)
+                     skip_tolerance=tolerance, curvature=curvature, pair_period=period,
+                     check_next_batch=False)
     step = _stepper(tx, curvature_batch=False)
     params, state = problem.params, tx.init(problem.params)
     _, unravel = ravel_pytree(params)
@@ -176,6 +178,40 @@ def test_model_step_length_minimises_the_dense_ggn_model_along_the_direction(sol
                                  atol=1e-14, err_msg=f"step {t}")
       params, state = optax.apply_updates(params, updates), new_state
     assert int(state.pairs.count) >= 1
+
+
+def test_trust_region_scores_each_update_on_the_next_batch():
+  """L-SR1's trust region re-measures each accepted update on the next batch:
+  ``predicted_change`` is the step batch's dense GGN model value ``gᵀs + ½ sᵀGs`` of the
+  update ``s``, ``next_batch_ratio`` is ``(f_B'(w + s) − f_B'(w)) / that`` on the next
+  batch ``B'``, and when it is below 0.1 ``Δ`` is halved to at most half the update's
+  length before the next step is bounded by it. Here ``B'`` has the step batch's inputs
+  with shifted labels, so the update raises its loss (``ρ' < 0``): the next update is at
+  most half as long, where without the check it is longer."""
+  with jax.enable_x64(True):
+    problem = ref.tiny_mlp(batch=16, seed=2)
+    x, y = problem.x, problem.y
+    other = (y + 1) % 3
+    runs = {}
+    for check in (True, False):
+      tx = curvax.lsr1(LOSS, memory=3, check_next_batch=check)
+      step = _stepper(tx, curvature_batch=False)
+      first, state1 = step(problem.params, tx.init(problem.params), x, y)
+      moved = optax.apply_updates(problem.params, first)
+      second, state2 = step(moved, state1, x, other)
+      runs[check] = (first, state1, second, state2)
+    first, state1, second, state2 = runs[True]
+    s = ref.flat(first)
+    dense = ref.mlp_dense(problem.params, x, y)
+    predicted = dense.grad @ s + 0.5 * s @ dense.ggn @ s
+    np.testing.assert_allclose(float(state1.predicted_change), predicted, rtol=1e-5)
+    fresh = (ref.mlp_loss(moved, x, other) - ref.mlp_loss(problem.params, x, other)) / predicted
+    assert fresh < 0.1
+    np.testing.assert_allclose(float(state2.next_batch_ratio), fresh, rtol=1e-5)
+    assert np.linalg.norm(ref.flat(second)) <= 0.5 * np.linalg.norm(s) * (1 + 1e-9)
+    unchecked = runs[False][2]
+    assert np.linalg.norm(ref.flat(unchecked)) > 0.5 * np.linalg.norm(s)
+    assert np.isnan(float(runs[False][3].next_batch_ratio))
 
 
 def test_defaults_train_where_the_fixed_unit_step_diverges():
