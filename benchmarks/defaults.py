@@ -64,6 +64,8 @@ CANDIDATES = {
         "λ₀ = 0.1": dict(damping=0.1),
         "λ₀ = 0.01": dict(damping=0.01),
         "λ₀ = 0.001": dict(damping=0.001),
+        "no escalation (Martens' fixed 3/2 per failure: the default before)":
+            dict(escalate_damping=False),
     },
     "sqn": {**_QUASI_NEWTON,
             "trust region (Nocedal & Wright Alg. 6.2, as L-SR1's default)":

@@ -39,13 +39,14 @@ def _with_damping(tx, params, damping):
   return tx.init(params)._replace(damping=jnp.asarray(damping, jnp.float32))
 
 
-def _lm(damping, ratio):
-  """Martens' Levenberg-Marquardt rule with the default factor 2/3."""
+def _lm(damping, ratio, growth=1.5):
+  """Martens' Levenberg-Marquardt rule with the default factor 2/3, a failure's factor
+  ``ν`` doubling over consecutive failures (Nielsen): returns ``(λ, ν)``."""
   if ratio > 0.75:
-    return damping * 2 / 3
+    return damping * 2 / 3, 1.5
   if ratio < 0.25:
-    return damping * 3 / 2
-  return damping
+    return damping * growth, 2 * growth
+  return damping, 1.5
 
 
 def _ratio(problem, dense, curvature, step):
@@ -71,7 +72,7 @@ def test_direction_solves_damped_system_and_damping_follows_reduction_ratio():
                                  atol=1e-8 * np.linalg.norm(expected))
       ratio, actual = _ratio(problem, dense, dense.ggn, expected)
       np.testing.assert_allclose(float(state.reduction_ratio), ratio, rtol=1e-4, atol=1e-6)
-      np.testing.assert_allclose(float(state.damping), _lm(lam, ratio), rtol=1e-6)
+      np.testing.assert_allclose(float(state.damping), _lm(lam, ratio)[0], rtol=1e-6)
       branches.add(np.sign(float(state.damping) - lam))
       # The step is taken only when it lowers the batch loss.
       np.testing.assert_allclose(ref.flat(updates), expected if actual < 0 else 0.0,
@@ -84,14 +85,14 @@ def test_direction_solves_damped_system_and_damping_follows_reduction_ratio():
 def test_damping_trajectory_follows_the_lm_rule_and_refuses_uphill_steps():
   """Eight steps from a small λ, each against the dense damped Newton step at the
   current parameters: the first steps go uphill and are refused (parameters kept, λ
-  raised), later ones are taken, and λ follows Martens' rule from the measured ratios
-  through all three branches."""
+  raised, by a factor that doubles over consecutive refusals), later ones are taken, and
+  λ follows Martens' rule from the measured ratios through all three branches."""
   with jax.enable_x64(True):
     problem = ref.tiny_mlp()
     tx, step = _exact_solver()
     params, state = problem.params, _with_damping(tx, problem.params, 0.03)
     _, unravel = ravel_pytree(params)
-    refused, branches = 0, set()
+    refused, branches, growth, escalated = 0, set(), 1.5, False
     for t in range(8):
       lam = float(state.damping)
       dense = ref.mlp_dense(params, problem.x, problem.y)
@@ -101,8 +102,12 @@ def test_damping_trajectory_follows_the_lm_rule_and_refuses_uphill_steps():
       updates, state = step(params, state, problem.x, problem.y)
       np.testing.assert_allclose(float(state.reduction_ratio), ratio, rtol=1e-5,
                                  err_msg=f"step {t}")
-      np.testing.assert_allclose(float(state.damping), _lm(lam, ratio), rtol=1e-6,
+      expected_lam, next_growth = _lm(lam, ratio, growth)
+      np.testing.assert_allclose(float(state.damping), expected_lam, rtol=1e-6,
                                  err_msg=f"step {t}")
+      np.testing.assert_allclose(float(state.damping_growth), next_growth, err_msg=f"step {t}")
+      escalated |= growth > 1.5 and ratio < 0.25
+      growth = next_growth
       branches.add(np.sign(float(state.damping) - lam))
       if actual >= 0:
         refused += 1
@@ -112,6 +117,7 @@ def test_damping_trajectory_follows_the_lm_rule_and_refuses_uphill_steps():
                                    atol=1e-9 * np.linalg.norm(expected))
       params = optax.apply_updates(params, updates)
     assert refused >= 2 and branches == {-1.0, 0.0, 1.0}, (refused, branches)
+    assert escalated, "a second consecutive failure must raise λ by the doubled factor"
 
 
 def test_refused_step_is_line_searched():
@@ -136,7 +142,7 @@ def test_refused_step_is_line_searched():
     assert rate < 1
     updates, state = step(problem.params, state, problem.x, problem.y)
     np.testing.assert_allclose(ref.flat(updates), rate * expected, rtol=1e-6)
-    np.testing.assert_allclose(float(state.damping), _lm(lam, ratio), rtol=1e-6)
+    np.testing.assert_allclose(float(state.damping), _lm(lam, ratio)[0], rtol=1e-6)
 
 
 def test_given_gradient_replaces_the_solver_gradient():
@@ -393,7 +399,8 @@ def test_bad_configuration_names_the_argument(name, value):
 def test_non_finite_trial_loss_refuses_the_step_and_raises_damping():
   """``f(w) = (log w − t)²``: the Gauss-Newton step ``δ = −g / (G + λ)`` overshoots
   ``w = 1`` into ``w < 0`` (a NaN loss) until λ has grown enough. Each such step is
-  refused with λ raised by 3/2 (the batch is not skipped), so training goes on."""
+  refused with λ raised (by 3/2, 3, 6, … over consecutive refusals; the batch is not
+  skipped), so training goes on."""
   with jax.enable_x64(True):
     target, lam = -3.0, 1.0
     params = {"w": jnp.ones((1,), jnp.float64)}
@@ -402,7 +409,7 @@ def test_non_finite_trial_loss_refuses_the_step_and_raises_damping():
     tx = curvax.hessian_free("squared_error", damping=lam, min_cg_iters=1,
                              line_search_steps=0)
     step = jax.jit(lambda p, s: tx.update(None, s, p, predict_fn=predict, targets=targets))
-    state, w, refused = tx.init(params), 1.0, 0
+    state, w, refused, growth = tx.init(params), 1.0, 0, 1.5
     for t in range(6):
       updates, state = step(params, state)
       residual = math.log(w) - target
@@ -413,15 +420,17 @@ def test_non_finite_trial_loss_refuses_the_step_and_raises_damping():
         refused += 1
         assert float(updates["w"][0]) == 0.0
         assert float(state.reduction_ratio) == -np.inf
-        lam *= 1.5
+        lam, growth = _lm(lam, -np.inf, growth)
       else:
         np.testing.assert_allclose(float(updates["w"][0]), delta, rtol=1e-10)
         actual = (math.log(w + delta) - target) ** 2 - residual ** 2
         ratio = actual / (grad * delta + 0.5 * ggn * delta ** 2)
         np.testing.assert_allclose(float(state.reduction_ratio), ratio, rtol=1e-5)
-        lam = _lm(lam, ratio)
+        lam, growth = _lm(lam, ratio, growth)
         w += delta
       np.testing.assert_allclose(float(state.damping), lam, rtol=1e-6)
       lam = float(state.damping)
       params = optax.apply_updates(params, updates)
-    assert refused == 5 and w > 0.1, (refused, w)
+    # Two refusals (λ ×1.5, then ×3) reach a λ whose steps stay in w > 0; they then
+    # converge to w = exp(target).
+    assert refused == 2 and abs(math.log(w) - target) < 1e-3, (refused, w)
