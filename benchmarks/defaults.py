@@ -68,8 +68,8 @@ CANDIDATES = {
             dict(escalate_damping=False),
     },
     "sqn": {**_QUASI_NEWTON,
-            "trust region (Nocedal & Wright Alg. 6.2, as L-SR1's default)":
-                dict(trust_region=True)},
+            "no trust region (the model step alone: the default before)":
+                dict(trust_region=False)},
     "lsr1": {**_QUASI_NEWTON,
              "no trust region (the model step alone: the default before)":
                  dict(trust_region=False),

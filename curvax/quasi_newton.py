@@ -96,7 +96,7 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
         step_size: str = "model", memory: Optional[int] = None,
         pair_period: Optional[int] = None,
         curvature: str = "ggn", curvature_batch: bool = False,
-        min_curvature: float = 1e-10, trust_region: bool = False,
+        min_curvature: float = 1e-10, trust_region: bool = True,
         trust_radius: Optional[float] = None, check_next_batch: bool = True,
         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Stochastic L-BFGS with CVP curvature pairs at averaged iterates (Byrd et al. 2016).
@@ -123,7 +123,9 @@ def sqn(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule = 1.0,
     curvature_batch: compute ``y`` on ``curvature_predict_fn`` / ``curvature_targets``.
     min_curvature: pairs with ``sᵀy ≤ min_curvature · sᵀs`` are dropped.
     trust_region: bound the model step by a radius ``Δ`` following the reduction ratio
-      (as :func:`lsr1`; off by default).
+      (as :func:`lsr1`; one more forward pass per step). On by default: the model step
+      alone took a tiny transformer 6.04 → 5.2·10⁴ in 16 steps, where the GGN model
+      along ``p`` misses the attention's curvature (docs/guides/reliability.md).
     trust_radius: initial ``Δ`` (``None``: unbounded until the first shrink).
     check_next_batch: with the trust region, also score each update on the next batch
       and halve ``Δ`` when that ratio is below 0.1 (as :func:`lsr1`).

@@ -4,8 +4,8 @@ A small ReLU MLP with squared error, where scaling the weights by 1e5 takes the 
 loss past overflow. Two ways in: a learning-rate spike on one step (an optax schedule
 given as the solver's ``learning_rate``) for the solvers that apply it unseen, and a
 hand-set landing (parameters moved by ``u``, the solver's record of its last update set
-to ``u``) for every solver — Hessian-free and the trust-region L-SR1 refuse the spike's
-trial point themselves, so nothing lands.
+to ``u``) for every solver — Hessian-free and the trust-region SQN and L-SR1 refuse the
+spike's trial point themselves, so nothing lands.
 """
 
 import jax
@@ -57,6 +57,8 @@ SOLVERS = {
     "hessian_free": lambda lr=1.0: curvax.hessian_free(LOSS, learning_rate=lr,
                                                        max_cg_iters=10),
     "sqn": lambda lr=1.0: curvax.sqn(LOSS, learning_rate=lr),
+    "sqn/no trust region": lambda lr=1.0: curvax.sqn(LOSS, learning_rate=lr,
+                                                     trust_region=False),
     "lsr1": lambda lr=1.0: curvax.lsr1(LOSS, learning_rate=lr),
     "lsr1/no trust region": lambda lr=1.0: curvax.lsr1(LOSS, learning_rate=lr,
                                                        trust_region=False),
@@ -95,7 +97,7 @@ def with_last_update(state, update):
   return state._replace(last_update=update)
 
 
-@pytest.mark.parametrize("name", ["curveball", "sqn", "lsr1/no trust region",
+@pytest.mark.parametrize("name", ["curveball", "sqn/no trust region", "lsr1/no trust region",
                                   "kfac/no tau rule"])
 def test_a_learning_rate_spike_is_rolled_back_and_training_recovers(name):
   step = make_step(tx := SOLVERS[name](spiked))
@@ -118,7 +120,7 @@ def test_a_learning_rate_spike_is_rolled_back_and_training_recovers(name):
   assert int(state.num_rolled_back) == 1 and int(state.num_skipped) == 0
 
 
-@pytest.mark.parametrize("name", ["hessian_free", "lsr1"])
+@pytest.mark.parametrize("name", ["hessian_free", "sqn", "lsr1"])
 def test_solvers_that_check_their_trial_point_refuse_the_spike(name):
   step = make_step(tx := SOLVERS[name](spiked))
   params, state = init_params(), tx.init(init_params())

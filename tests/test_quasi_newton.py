@@ -68,7 +68,8 @@ def test_sqn_pairs_are_averaged_iterate_differences_times_curvature(curvature):
     problem = ref.tiny_mlp()
     period, lr = 2, 0.3
     tx = curvax.sqn(LOSS, learning_rate=lr, step_size="fixed", memory=5,
-                    pair_period=period, curvature=curvature, curvature_batch=True)
+                    pair_period=period, curvature=curvature, curvature_batch=True,
+                    trust_region=False)
     step = _stepper(tx, curvature_batch=True)
     params, state = problem.params, tx.init(problem.params)
     w0, unravel = ravel_pytree(params)
