@@ -149,6 +149,8 @@ def _save(solver: str, evidence: dict) -> None:
   evidence = json.loads(json.dumps(evidence))  # the caller's copy stays unmerged
   if path.exists():
     earlier = json.loads(path.read_text())
+    for key, value in earlier.items():  # notes and other keys this run does not write
+      evidence.setdefault(key, value)
     for name, entry in evidence["problems"].items():
       merged = {**earlier["problems"].get(name, {}).get("candidates", {}),
                 **entry["candidates"]}
