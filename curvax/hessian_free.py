@@ -249,7 +249,7 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     # bad batch: the step is refused and λ raised as for ρ < 1/4. Skipping the batch
     # instead would leave λ as it was, and the same step would fail again next time.
     ratio = jnp.where(jnp.isfinite(ratio), ratio, -jnp.inf)
-    new_damping, growth = _damping_rule(state, ratio, at_count)
+    new_damping, growth = damping_rule(state, ratio, at_count)
     # A step that does not decrease the loss on the batch is not taken: a line search
     # along it (line_search_steps) or nothing.
     taken = jnp.isfinite(ratio) & (actual < 0)
@@ -269,8 +269,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     # where the loss overflows (an outer scaling or a learning-rate spike the trial
     # point did not see). Undo it and raise λ as for a refused step (ρ = −∞); the warm
     # start is kept — it was computed at the point the rollback returns to.
-    raised, raised_growth = _damping_rule(
-        state, jnp.asarray(-jnp.inf, jnp.float32), at_count)
+    raised, raised_growth = damping_rule(state, jnp.asarray(-jnp.inf, jnp.float32),
+                                         at_count)
     rollback = nonfinite.Rollback(
         due=nonfinite.rollback_due(finite, params, state.last_update,
                                    lin.loss_at, given_gradient=given),
@@ -280,19 +280,26 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
                              last_update=optax.tree.zeros_like(state.last_update)))
     return nonfinite.guard(finite, step, new_state, state, rollback=rollback)
 
-  def _damping_rule(state, ratio, at_count):
-    """``(λ, ν)`` after a step with reduction ratio ``ρ``: ``λ·factor`` if ``ρ > 3/4``;
-    ``λ·ν`` if ``ρ < 1/4`` and then ``ν ← 2ν`` (escalating), else ``ν = 1/factor``."""
-    factor = jnp.asarray(at_count(damping_factor), jnp.float32)
-    failed = ratio < 0.25
-    grow = state.damping_growth if escalate_damping else 1.0 / factor
-    lam = jnp.where(ratio > 0.75, state.damping * factor,
-                    jnp.where(failed, state.damping * grow, state.damping))
-    lam = jnp.clip(lam, at_count(min_damping), at_count(max_damping))
-    growth = jnp.where(failed & escalate_damping, 2.0 * grow, 1.0 / factor)
-    return lam.astype(jnp.float32), growth.astype(jnp.float32)
+  def damping_rule(state, ratio, at_count):
+    return _damping_rule(state, ratio, factor=at_count(damping_factor),
+                         bounds=(at_count(min_damping), at_count(max_damping)),
+                         escalate=escalate_damping)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _damping_rule(state: HessianFreeState, ratio, *, factor, bounds, escalate: bool):
+  """``(λ, ν)`` after a step with reduction ratio ``ρ``: Martens' LM rule
+  (:func:`curvax.quadratic.levenberg_marquardt`) with ``λ·ν`` when ``ρ < 1/4``, then
+  ``ν ← 2ν`` (escalating) — ``ν = 1/factor`` after a step that did not fail."""
+  factor = jnp.asarray(factor, jnp.float32)
+  failed = ratio < 0.25
+  grow = state.damping_growth if escalate else 1.0 / factor
+  lam = quadratic.levenberg_marquardt(state.damping, ratio, factor=factor, lower=0.25,
+                                      upper=0.75, min_damping=bounds[0],
+                                      max_damping=bounds[1], increase=grow)
+  growth = jnp.where(failed & escalate, 2.0 * grow, 1.0 / factor)
+  return lam.astype(jnp.float32), growth.astype(jnp.float32)
 
 
 def _line_search(step, params, grad, lin, max_steps):

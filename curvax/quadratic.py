@@ -168,13 +168,16 @@ def reduction_ratio(actual_change: Array, predicted: Array) -> Array:
 
 def levenberg_marquardt(damping: Array, ratio: Array, *, factor: Array,
                         lower: float = 0.25, upper: float = 0.75,
-                        min_damping: float = 0.0, max_damping: float = jnp.inf) -> Array:
+                        min_damping: float = 0.0, max_damping: float = jnp.inf,
+                        increase: Optional[Array] = None) -> Array:
   """Levenberg-Marquardt rule: ``λ·factor`` if ``ρ > upper``, ``λ/factor`` if ``ρ < lower``.
 
   ``factor < 1``. With ``lower = upper`` this is kfra_kflr.md's τ rule; CurveBall's
-  §3.4 rule is ``factor = 0.999``, ``lower = 1/2``, ``upper = 3/2``. The result is
-  clipped to ``[min_damping, max_damping]``.
+  §3.4 rule is ``factor = 0.999``, ``lower = 1/2``, ``upper = 3/2``. ``increase``, when
+  given, multiplies ``λ`` instead of ``1/factor`` when ``ρ < lower`` (Hessian-free's
+  escalating factor). The result is clipped to ``[min_damping, max_damping]``.
   """
   damping = jnp.where(ratio > upper, damping * factor, damping)
-  damping = jnp.where(ratio < lower, damping / factor, damping)
+  raised = damping / factor if increase is None else damping * increase
+  damping = jnp.where(ratio < lower, raised, damping)
   return jnp.clip(damping, min_damping, max_damping)
