@@ -682,7 +682,7 @@ EKFAC_GAMMA = 3e-2  # initial γ of curvax.ekfac (its docstring has the evidence
 def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
           num_samples: Optional[int] = None, weight_sharing: str = "expand",
           max_columns: Optional[float] = None, damping_form: str = "exact",
-          **kwargs) -> optax.GradientTransformationExtraArgs:
+          scale_fraction: float = 1.0, **kwargs) -> optax.GradientTransformationExtraArgs:
   """EKFAC (George et al. 2018): KFAC in the factors' eigenbasis with the diagonal there
   re-estimated from per-example gradients (:mod:`curvax.kron.ekfac`).
 
@@ -705,7 +705,11 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
     max_columns: with ``"ggn"``, as :func:`kflr`.
     damping_form: ``"exact"`` (the paper's: ``S + k``) or ``"factored"``: ``S`` plus
       what KFAC's factored damping adds to ``s_Q ⊗ s_𝒢`` (``s_Q ω⁻¹√k + ω√k s_𝒢 + k``,
-      eq. 36–38), which damps directions with a large factor eigenvalue more.{common}
+      eq. 36–38), which damps directions with a large factor eigenvalue more.
+    scale_fraction: re-estimate ``S`` from the leading ``⌈fraction·B⌉`` examples of each
+      curvature batch (scaled by ``B/m``: unbiased), in ``(0, 1]``. Rotating every
+      example's rows into the basis costs as much as estimating the factors; 1 (default)
+      is the paper's whole batch. A departure from the authors' code when below 1.{common}
 
   ``inverse`` is EKFAC's own representation and cannot be chosen. The initial ``gamma``
   defaults to ``3e-2`` here, not :func:`kfac`'s ``3e-4``: the exact damping adds ``γ``
@@ -721,12 +725,20 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
                      "the others).")
   kwargs = _common("curvax.ekfac", kwargs,
                    own=("curvature", "num_samples", "weight_sharing", "max_columns",
-                        "damping_form"))
+                        "damping_form", "scale_fraction"))
   kwargs.setdefault("gamma", EKFAC_GAMMA)
   forms = {"exact": stages.EKFAC, "factored": stages.EKFAC_FACTORED}
   if damping_form not in forms:
     raise ValueError(f"curvax.ekfac: damping_form must be 'exact' or 'factored', got "
                      f"{damping_form!r}.")
+  if (isinstance(scale_fraction, bool) or not isinstance(scale_fraction, (int, float))
+      or not 0 < scale_fraction <= 1):
+    raise ValueError(f"curvax.ekfac: scale_fraction must be a number in (0, 1], got "
+                     f"{scale_fraction!r}.")
+  representation = forms[damping_form]
+  if scale_fraction < 1:
+    representation = representation._replace(correct=functools.partial(
+        representation.correct, fraction=float(scale_fraction)))
   if curvature == "fisher":
     estimator = _fisher_estimator("curvax.ekfac", loss, num_samples, weight_sharing,
                                   kwargs)
@@ -737,5 +749,5 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
                      f"{curvature!r}.")
   estimator = functools.partial(estimator, examples=True)
   return kronecker_factored(loss, estimator, name="curvax.ekfac",
-                            inverse=forms[damping_form],
+                            inverse=representation,
                             **kwargs)

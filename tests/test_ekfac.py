@@ -126,6 +126,20 @@ def test_diagonal_is_a_moving_average_in_the_current_basis():
     np.testing.assert_allclose(rep1.scales[i], expected, rtol=1e-9, atol=1e-13)
 
 
+def test_scale_fraction_estimates_the_diagonal_on_the_leading_examples():
+  """``scale_fraction=0.4`` of a batch of 5: ``Ŝ`` is the dense GGN block of the first
+  two examples alone (their mean loss), in the basis of the whole batch's factors."""
+  params, x, y, ctx, _, rep = _step_zero(batch=5, positions=3)
+  estimate = kron.kflr_factors(ctx.capture, None, examples=True)
+  fresh = ekfac_lib.correct(rep, ctx.capture, estimate, decay=0.9, first=jnp.asarray(True),
+                            accept=jnp.asarray(True), fraction=0.4)
+  for layer in (("w1", "b1"), ("w2", "b2")):
+    i = _kernel_index(params, layer[0])
+    expected = _rotated_diagonal(params, x[:2], y[:2], layer, rep)
+    np.testing.assert_allclose(fresh.scales[i], expected, rtol=1e-9, atol=1e-13)
+    assert not np.allclose(fresh.scales[i], rep.scales[i], rtol=1e-3)
+
+
 def test_one_example_gives_the_exact_block_and_its_damped_solve():
   """One example, one position: the GGN block is ``a aᵀ ⊗ Σ_k c_k c_kᵀ``, which the
   eigenbasis diagonalises; EKFAC's block and ``(G_block + kI)⁻¹ ∇`` are exact."""
@@ -204,6 +218,9 @@ def test_bad_arguments():
     curvax.ekfac("softmax_cross_entropy", inverse="eigh")
   with pytest.raises(ValueError, match="damping_form must be"):
     curvax.ekfac("softmax_cross_entropy", damping_form="factorised")
+  for fraction in (0, 1.5, True, "half"):
+    with pytest.raises(ValueError, match="scale_fraction must be"):
+      curvax.ekfac("softmax_cross_entropy", scale_fraction=fraction)
   with pytest.raises(ValueError, match="curvature must be"):
     curvax.ekfac("softmax_cross_entropy", curvature="hessian")
   with pytest.raises(TypeError, match="did you mean 'num_samples'"):

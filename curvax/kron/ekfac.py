@@ -32,6 +32,7 @@ rules of :func:`curvax.kfac` set the step (the authors use a fixed learning rate
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -92,9 +93,13 @@ def example_scales(q_vectors: Array, g_vectors: Array, a: Array, c: Array) -> Ar
 
 
 def correct(rep: Corrected, capture: Capture, estimate: Estimate, *, decay, first: Array,
-            accept: Array) -> Corrected:
+            accept: Array, fraction: float = 1.0) -> Corrected:
   """``S ← decay·S + (1 − decay)·Ŝ`` for this batch's ``Ŝ`` in the current basis (``Ŝ``
-  alone on the first step; unchanged where ``accept`` is false: a non-finite batch)."""
+  alone on the first step; unchanged where ``accept`` is false: a non-finite batch).
+
+  With ``fraction < 1``, ``Ŝ`` sums the leading ``⌈fraction·B⌉`` of the ``B`` examples
+  (per device) and scales by ``B / m``: an unbiased estimate at that fraction of the
+  rotation's cost (the examples' order is the batch's, already random)."""
   if not estimate.examples:
     raise ValueError("curvax.ekfac: the estimator gave no per-example rows "
                      "(kron.kfac_factors / kflr_factors with examples=True).")
@@ -104,8 +109,13 @@ def correct(rep: Corrected, capture: Capture, estimate: Estimate, *, decay, firs
     if rows is None:
       continue
     i = block.kernel
+    a, c = rows
+    batch = a.shape[0]
+    kept = min(batch, max(1, math.ceil(fraction * batch)))
     fresh = capture.lin.batch_mean(example_scales(
-        rep.basis.q_vectors[i], rep.basis.g_vectors[i], *rows))
+        rep.basis.q_vectors[i], rep.basis.g_vectors[i], a[:kept], c[:, :kept]))
+    if kept < batch:
+      fresh = fresh * (batch / kept)
     mixed = weight * scales[i] + (1 - weight) * fresh.astype(scales[i].dtype)
     scales[i] = jnp.where(accept, mixed, scales[i]).astype(scales[i].dtype)
   return rep._replace(scales=tuple(scales))
