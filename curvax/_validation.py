@@ -63,6 +63,21 @@ def check_in_range(name: str, value: Any, low: float, high: float, *,
     raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}.")
 
 
+def static_fraction(name: str, value: Any, argument: str) -> float:
+  """A fraction in ``(0, 1]`` that sets a sub-batch's shape, so a known number: never
+  traced (``argument``, its keyword, for the ``inject_hyperparams`` hint), never a
+  boolean or a non-number."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name}: {argument} sets the sub-batch's shape and cannot be "
+                     f"traced; with optax.inject_hyperparams pass "
+                     f"static_args='{argument}'.")
+  array = None if isinstance(value, (bool, str)) or value is None else np.asarray(value)
+  if (array is None or array.shape != () or not np.issubdtype(array.dtype, np.number)
+      or not 0 < float(array) <= 1):
+    raise ValueError(f"{name}: {argument} must be a number in (0, 1], got {value!r}.")
+  return float(array)
+
+
 def concrete_value(value: Any) -> Optional[float]:
   """``value`` as a float when it is a known number, ``None`` for schedules and tracers
   (for cross-argument checks such as ``min_damping <= damping``)."""

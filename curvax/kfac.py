@@ -86,7 +86,8 @@ from curvax import kron
 from curvax import losses as losses_lib
 from curvax import nonfinite
 from curvax._validation import (ScalarOrSchedule, check_fraction, check_in_range,
-                                check_integer, check_positive, check_within, concrete_value)
+                                check_integer, check_positive, check_within, concrete_value,
+                                static_fraction)
 from curvax.kron import stages
 from curvax.kron import state as kron_state
 
@@ -337,16 +338,8 @@ def _settings(name: str, *, learning_rate, gamma, tau, weight_decay, factor_deca
     # Only init reads it (the update reads the slots from the state's shapes), so an
     # injected, traced value is fine there.
     check_integer(f"{name}: max_factor_dim", max_factor_dim, 2)
-  if curvature_fraction is None:
-    curvature_fraction = 1.0
-  if isinstance(curvature_fraction, jax.core.Tracer):
-    raise ValueError(f"{name}: curvature_fraction sets the sub-batch's shape and cannot "
-                     "be traced; with optax.inject_hyperparams pass "
-                     "static_args='curvature_fraction'.")
-  fraction = concrete_value(curvature_fraction)
-  if fraction is None or not 0 < fraction <= 1:
-    raise ValueError(f"{name}: curvature_fraction must lie in (0, 1], got "
-                     f"{curvature_fraction!r}.")
+  fraction = static_fraction(
+      name, 1.0 if curvature_fraction is None else curvature_fraction, "curvature_fraction")
   return stages.Settings(
       name=name, learning_rate=learning_rate, weight_decay=weight_decay,
       # A weight decay known to be 0 drops its terms from the step; any other (an
@@ -356,7 +349,7 @@ def _settings(name: str, *, learning_rate, gamma, tau, weight_decay, factor_deca
       tau_factor=tau_factor, gamma_period=gamma_period, gamma_factor=gamma_factor,
       min_damping=min_damping, max_damping=max_damping, min_tau=min_tau,
       momentum=momentum, momentum_bounds=momentum_bounds, fallback=fallback, seed=seed,
-      axis_name=axis_name, curvature_fraction=float(fraction))
+      axis_name=axis_name, curvature_fraction=fraction)
 
 
 _COMMON_ARGS = """
@@ -734,14 +727,11 @@ def ekfac(loss: "losses_lib.Loss | str", *, curvature: str = "fisher",
   if damping_form not in forms:
     raise ValueError(f"curvax.ekfac: damping_form must be 'exact' or 'factored', got "
                      f"{damping_form!r}.")
-  if (isinstance(scale_fraction, bool) or not isinstance(scale_fraction, (int, float))
-      or not 0 < scale_fraction <= 1):
-    raise ValueError(f"curvax.ekfac: scale_fraction must be a number in (0, 1], got "
-                     f"{scale_fraction!r}.")
+  scale_fraction = static_fraction("curvax.ekfac", scale_fraction, "scale_fraction")
   representation = forms[damping_form]
   if scale_fraction < 1:
     representation = representation._replace(correct=functools.partial(
-        representation.correct, fraction=float(scale_fraction)))
+        representation.correct, fraction=scale_fraction))
   if curvature == "fisher":
     estimator = _fisher_estimator("curvax.ekfac", loss, num_samples, weight_sharing,
                                   kwargs)
