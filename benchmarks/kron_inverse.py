@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
   command = (f"python -m benchmarks.kron_inverse --problems {args.problems} "
              f"--steps {args.steps} --inverses {args.inverses}"
              + (f" --ekfac '{args.ekfac}'" if args.ekfac else ""))
-  variants = tuple(_arguments(row) for row in args.ekfac.split(";")) or ({},)
+  variants = tuple(_arguments(row) for row in args.ekfac.split(";"))  # "" → ({},)
   path = RESULTS / "kron_inverse.json"
   evidence = (json.loads(path.read_text()) if path.exists()
               else {"unit_steps": UNIT, "results": {}})
