@@ -174,6 +174,24 @@ def _wide(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+class _Settings(NamedTuple):
+  """The checked hyperparameters of one :func:`soap` (static, closed over)."""
+  learning_rate: ScalarOrSchedule
+  b1: Any
+  b2: Any
+  gg_decay: Any                   # β_s
+  eps: Any
+  weight_decay: Any
+  decays: bool                    # weight_decay is not a known zero
+  precondition_frequency: Any
+  max_dim: int
+  merge_dims: bool
+  precondition_1d: bool
+  normalize_grads: bool
+  channels_last: bool
+  correct_bias: bool
+
+
 def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
          betas: Tuple[float, float] = (0.95, 0.95),
          shampoo_beta: Optional[float] = None,
@@ -217,6 +235,83 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
     ValueError: on a hyperparameter outside its range.
     TypeError: on a hyperparameter of the wrong kind.
   """
+  s = _settings(learning_rate, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                max_precond_dim=max_precond_dim, merge_dims=merge_dims,
+                precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+                data_format=data_format, correct_bias=correct_bias)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+
+    def factors(p):
+      layout, dtype = _layout_of(p, s), _wide(jnp.result_type(p))
+      return tuple(jnp.zeros((n, n), dtype) if pre else None
+                   for n, pre in zip(layout.work_shape, layout.preconditioned))
+
+    # Separate zeros for every leaf: a step donating the state must not find one buffer
+    # twice.
+    return SOAPState(count=jnp.zeros((), jnp.int32),
+                     exp_avg=optax.tree.zeros_like(params),
+                     exp_avg_sq=optax.tree.zeros_like(params),
+                     gg=treedef.unflatten([factors(p) for p in leaves]),
+                     q=treedef.unflatten([factors(p) for p in leaves]))
+
+  def update_fn(updates, state, params=None):
+    if params is None and s.decays:
+      raise ValueError("curvax.soap: params are required for the weight decay: call "
+                       "tx.update(grads, state, params), or set weight_decay=0.")
+    treedef = jax.tree.structure(state.exp_avg)
+    try:
+      grads = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as error:
+      raise ValueError(f"curvax.soap: the gradient must have the pytree of the "
+                       f"parameters: {error}") from None
+    layouts = [_layout_of(g, s) for g in grads]
+    exp_avg, exp_avg_sq, gg, q = (treedef.flatten_up_to(tree) for tree in (
+        state.exp_avg, state.exp_avg_sq, state.gg, state.q))
+    plist = (treedef.flatten_up_to(params) if params is not None
+             else [None] * len(grads))
+    count = state.count
+    dtypes = [m.dtype for m in exp_avg]  # the moments' own, kept in the state
+    wide = [_wide(d) for d in dtypes]
+    work = [_to_work(g.astype(w), lay) for g, w, lay in zip(grads, wide, layouts)]
+
+    def adam_step(moments):
+      return _adam_step(s, count, work, *moments, plist, q, layouts, wide)
+
+    def no_step(moments):
+      return ([jnp.zeros(lay.shape, w) for lay, w in zip(layouts, wide)],
+              *([x.astype(w) for x, w in zip(moment, wide)] for moment in moments))
+
+    # The first call only builds the bases, so that none is used with its own gradient.
+    new_u, exp_avg, exp_avg_sq = jax.lax.cond(count == 0, no_step, adam_step,
+                                              (exp_avg, exp_avg_sq))
+    gg = [tuple(None if f is None else f + (1 - s.gg_decay) * (_axis_gram(g, k) - f)
+                for k, f in enumerate(factors)) for g, factors in zip(work, gg)]
+    refresh = (count % s.precondition_frequency) == 0
+    branch = jnp.where(count == 0, 1, jnp.where(refresh, 2, 0))
+    q, exp_avg, exp_avg_sq = jax.lax.switch(
+        branch, (lambda *_: (q, exp_avg, exp_avg_sq),
+                 lambda *_: (_eigenbases(gg), exp_avg, exp_avg_sq),
+                 lambda *_: _power_iteration(gg, q, exp_avg, exp_avg_sq, layouts)))
+
+    new_state = SOAPState(
+        count=optax.safe_increment(count),
+        exp_avg=treedef.unflatten([m.astype(d) for m, d in zip(exp_avg, dtypes)]),
+        exp_avg_sq=treedef.unflatten([v.astype(d) for v, d in zip(exp_avg_sq, dtypes)]),
+        gg=treedef.unflatten(gg),
+        q=treedef.unflatten(q))
+    return (treedef.unflatten([u.astype(g.dtype) for u, g in zip(new_u, grads)]),
+            new_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _settings(learning_rate, *, betas, shampoo_beta, eps, weight_decay,
+              precondition_frequency, max_precond_dim, merge_dims, precondition_1d,
+              normalize_grads, data_format, correct_bias) -> _Settings:
+  """Checks :func:`soap`'s arguments (clear errors at construction, not in the step)."""
   check_positive("learning_rate", learning_rate, schedule=True)
   if not isinstance(betas, (tuple, list)) or len(betas) != 2:
     raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
@@ -230,7 +325,6 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
       shampoo_beta = None  # the authors' "-1": use beta2
     else:
       _check_decay("shampoo_beta", shampoo_beta)
-  gg_decay = b2 if shampoo_beta is None else shampoo_beta
   check_in_range("eps", eps, 0, math.inf)
   check_in_range("weight_decay", weight_decay, 0, math.inf)
   check_integer("precondition_frequency", precondition_frequency, 1)
@@ -242,137 +336,80 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, *,
   if data_format not in ("channels_first", "channels_last"):
     raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got "
                      f"{data_format!r}.")
-  decays = concrete_value(weight_decay) != 0
+  return _Settings(
+      learning_rate=learning_rate, b1=b1, b2=b2,
+      gg_decay=b2 if shampoo_beta is None else shampoo_beta, eps=eps,
+      weight_decay=weight_decay, decays=concrete_value(weight_decay) != 0,
+      precondition_frequency=precondition_frequency, max_dim=max_dim,
+      merge_dims=bool(merge_dims), precondition_1d=bool(precondition_1d),
+      normalize_grads=bool(normalize_grads),
+      channels_last=data_format == "channels_last", correct_bias=bool(correct_bias))
 
-  def layout_of(x) -> _Layout:
-    return _layout(tuple(jnp.shape(x)), max_dim=max_dim, merge_dims=bool(merge_dims),
-                   precondition_1d=bool(precondition_1d),
-                   channels_last=data_format == "channels_last")
 
-  def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+def _layout_of(x, s: _Settings) -> _Layout:
+  return _layout(tuple(jnp.shape(x)), max_dim=s.max_dim, merge_dims=s.merge_dims,
+                 precondition_1d=s.precondition_1d, channels_last=s.channels_last)
 
-    def factors(p):
-      layout, dtype = layout_of(p), _wide(jnp.result_type(p))
-      return tuple(jnp.zeros((n, n), dtype) if pre else None
-                   for n, pre in zip(layout.work_shape, layout.preconditioned))
 
-    # Separate zeros for every leaf: a step donating the state must not find one buffer
-    # twice.
-    return SOAPState(count=jnp.zeros((), jnp.int32),
-                     exp_avg=optax.tree.zeros_like(params),
-                     exp_avg_sq=optax.tree.zeros_like(params),
-                     gg=treedef.unflatten([factors(p) for p in leaves]),
-                     q=treedef.unflatten([factors(p) for p in leaves]))
+def _adam_step(s: _Settings, count, work, exp_avg, exp_avg_sq, params, q, layouts,
+               wide):
+  """Adam's moments and step in the eigenbasis, rotated back, then the decoupled decay;
+  returns the updates and the new moments (in the wide dtypes), one list each."""
+  rate = value_at(s.learning_rate, count)
+  new_u, new_m, new_v = [], [], []
+  for g, m, v, p, bases, lay, w in zip(work, exp_avg, exp_avg_sq, params, q, layouts,
+                                       wide):
+    rotated = _from_work(_rotate(g, bases, back=False), lay)
+    m = s.b1 * m.astype(w) + (1 - s.b1) * rotated
+    v = s.b2 * v.astype(w) + (1 - s.b2) * rotated**2
+    lr = jnp.asarray(rate, w)
+    step_size = lr
+    if s.correct_bias:
+      t = count.astype(w)
+      step_size = step_size * jnp.sqrt(1 - s.b2**t) / (1 - s.b1**t)
+    direction = _from_work(_rotate(_to_work(m / (jnp.sqrt(v) + s.eps), lay), bases,
+                                   back=True), lay)
+    if s.normalize_grads:
+      direction = direction / (1e-30 + jnp.sqrt(jnp.mean(direction**2)))
+    u = -step_size * direction
+    if s.decays:
+      # After the Adam step and on the stepped parameters, as the authors do.
+      u = u - lr * s.weight_decay * (p.astype(w) + u)
+    new_u.append(u.astype(w))
+    new_m.append(m)
+    new_v.append(v)
+  return new_u, new_m, new_v
 
-  def update_fn(updates, state, params=None):
-    if params is None and decays:
-      raise ValueError("curvax.soap: params are required for the weight decay: call "
-                       "tx.update(grads, state, params), or set weight_decay=0.")
-    treedef = jax.tree.structure(state.exp_avg)
-    try:
-      grads = treedef.flatten_up_to(updates)
-    except (ValueError, TypeError) as error:
-      raise ValueError(f"curvax.soap: the gradient must have the pytree of the "
-                       f"parameters: {error}") from None
-    layouts = [layout_of(g) for g in grads]
-    exp_avg = treedef.flatten_up_to(state.exp_avg)
-    exp_avg_sq = treedef.flatten_up_to(state.exp_avg_sq)
-    gg = treedef.flatten_up_to(state.gg)
-    q = treedef.flatten_up_to(state.q)
-    plist = (treedef.flatten_up_to(params) if params is not None
-             else [None] * len(grads))
-    count = state.count
-    dtypes = [m.dtype for m in exp_avg]  # the moments' own, kept in the state
-    wide = [_wide(d) for d in dtypes]
-    work = [_to_work(g.astype(w), lay) for g, w, lay in zip(grads, wide, layouts)]
 
-    def adam_step(operands):
-      exp_avg, exp_avg_sq = operands
-      rate = value_at(learning_rate, count)
-      new_u, new_m, new_v = [], [], []
-      for g, m, v, p, bases, lay, w in zip(work, exp_avg, exp_avg_sq, plist, q, layouts,
-                                           wide):
-        rotated = _from_work(_rotate(g, bases, back=False), lay)
-        m = b1 * m.astype(w) + (1 - b1) * rotated
-        v = b2 * v.astype(w) + (1 - b2) * rotated**2
-        lr = jnp.asarray(rate, w)
-        step_size = lr
-        if correct_bias:
-          t = count.astype(w)
-          step_size = step_size * jnp.sqrt(1 - b2**t) / (1 - b1**t)
-        direction = _from_work(_rotate(_to_work(m / (jnp.sqrt(v) + eps), lay), bases,
-                                       back=True), lay)
-        if normalize_grads:
-          direction = direction / (1e-30 + jnp.sqrt(jnp.mean(direction**2)))
-        u = -step_size * direction
-        if decays:
-          # After the Adam step and on the stepped parameters, as the authors do.
-          u = u - lr * weight_decay * (p.astype(w) + u)
-        new_u.append(u.astype(w))
-        new_m.append(m)
-        new_v.append(v)
-      return new_u, new_m, new_v
+def _eigenbases(gg):
+  """Every factor's eigenvectors, columns by decreasing eigenvalue (the first call's
+  bases; ``1e-30 I`` as the authors add it)."""
+  return [tuple(None if f is None else jnp.flip(
+      jnp.linalg.eigh(f + 1e-30 * jnp.eye(f.shape[0], dtype=f.dtype))[1], axis=1)
+                for f in factors) for factors in gg]
 
-    def no_step(operands):
-      exp_avg, exp_avg_sq = operands
-      return ([jnp.zeros(lay.shape, w) for lay, w in zip(layouts, wide)],
-              [m.astype(w) for m, w in zip(exp_avg, wide)],
-              [v.astype(w) for v, w in zip(exp_avg_sq, wide)])
 
-    # The first call only builds the bases, so that none is used with its own gradient.
-    new_u, exp_avg, exp_avg_sq = jax.lax.cond(count == 0, no_step, adam_step,
-                                              (exp_avg, exp_avg_sq))
-
-    gg = [tuple(None if f is None else f + (1 - gg_decay) * (_axis_gram(g, k) - f)
-                for k, f in enumerate(factors)) for g, factors in zip(work, gg)]
-
-    def keep(operands):
-      return operands[1:]
-
-    def eigenbases(operands):
-      gg, _, exp_avg, exp_avg_sq = operands
-      bases = [tuple(None if f is None else jnp.flip(
-          jnp.linalg.eigh(f + 1e-30 * jnp.eye(f.shape[0], dtype=f.dtype))[1], axis=1)
-                     for f in factors) for factors in gg]
-      return bases, exp_avg, exp_avg_sq
-
-    def power_iteration(operands):
-      gg, q, exp_avg, exp_avg_sq = operands
-      new_q, new_m, new_v = [], [], []
-      for factors, bases, m, v, lay in zip(gg, q, exp_avg, exp_avg_sq, layouts):
-        m = _rotate(_to_work(m, lay), bases, back=True)
-        v = _to_work(v, lay)
-        fresh = []
-        for axis, (f, basis) in enumerate(zip(factors, bases)):
-          if f is None:
-            fresh.append(None)
-            continue
-          # Keep the columns ordered by eigenvalue (the estimate diag(Qᵀ L Q)) and V's
-          # entries with them, so that V stays attached to its directions.
-          order = jnp.argsort(jnp.sum(basis * (f @ basis), axis=0), descending=True)
-          v = jnp.take(v, order, axis=axis)
-          fresh.append(jnp.linalg.qr(f @ basis[:, order])[0])
-        new_q.append(tuple(fresh))
-        new_m.append(_from_work(_rotate(m, fresh, back=False), lay))
-        new_v.append(_from_work(v, lay))
-      return new_q, new_m, new_v
-
-    refresh = (count % precondition_frequency) == 0
-    branch = jnp.where(count == 0, 1, jnp.where(refresh, 2, 0))
-    q, exp_avg, exp_avg_sq = jax.lax.switch(branch, (keep, eigenbases, power_iteration),
-                                            (gg, q, exp_avg, exp_avg_sq))
-
-    new_state = SOAPState(
-        count=optax.safe_increment(count),
-        exp_avg=treedef.unflatten([m.astype(d) for m, d in zip(exp_avg, dtypes)]),
-        exp_avg_sq=treedef.unflatten([v.astype(d) for v, d in zip(exp_avg_sq, dtypes)]),
-        gg=treedef.unflatten(gg),
-        q=treedef.unflatten(q))
-    return (treedef.unflatten([u.astype(g.dtype) for u, g in zip(new_u, grads)]),
-            new_state)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _power_iteration(gg, q, exp_avg, exp_avg_sq, layouts):
+  """The periodic refresh ``Q ← qr(L Q)``; ``M`` re-projected into the new bases and
+  ``V`` permuted with the columns; returns the bases and both moments."""
+  new_q, new_m, new_v = [], [], []
+  for factors, bases, m, v, lay in zip(gg, q, exp_avg, exp_avg_sq, layouts):
+    m = _rotate(_to_work(m, lay), bases, back=True)
+    v = _to_work(v, lay)
+    fresh = []
+    for axis, (f, basis) in enumerate(zip(factors, bases)):
+      if f is None:
+        fresh.append(None)
+        continue
+      # Keep the columns ordered by eigenvalue (the estimate diag(Qᵀ L Q)) and V's
+      # entries with them, so that V stays attached to its directions.
+      order = jnp.argsort(jnp.sum(basis * (f @ basis), axis=0), descending=True)
+      v = jnp.take(v, order, axis=axis)
+      fresh.append(jnp.linalg.qr(f @ basis[:, order])[0])
+    new_q.append(tuple(fresh))
+    new_m.append(_from_work(_rotate(m, fresh, back=False), lay))
+    new_v.append(_from_work(v, lay))
+  return new_q, new_m, new_v
 
 
 def _check_decay(name: str, value: Any) -> None:
