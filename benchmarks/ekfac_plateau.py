@@ -1,14 +1,17 @@
 """KFAC and EKFAC with their defaults on the deep autoencoder's plateau, over seeds.
 
     python -m benchmarks.ekfac_plateau [--steps 150] [--every 30] [--seeds 0,1,2]
+                                       [--problem autoencoder]
 
 The MNIST deep autoencoder of :mod:`curvax.problems.suite` (batch 1000) starts on a
 plateau at the mean image (probe loss ≈ 206); when a run leaves it depends on the seed
 (initialisation and batch order). Each seed trains ``curvax.kfac(loss)`` and
 ``curvax.ekfac(loss)`` from the same parameters over the same batches; the probe loss is
 recorded every ``--every`` updates. Issue 24's goal is EKFAC's progress per update at
-least KFAC's; medians over seeds are compared. Writes
-``benchmarks/results/ekfac_plateau.json``.
+least KFAC's; medians over seeds are compared. ``--problem`` runs the same comparison on
+another shipped problem (``cnn``, ``mlp``). Writes
+``benchmarks/results/ekfac_plateau.json`` (``ekfac_plateau_<problem>.json`` for another
+problem).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--every", type=int, default=30)
   parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--problem", default="autoencoder")
   args = parser.parse_args(argv)
-  prob = suite.problem("autoencoder")
+  prob = suite.problem(args.problem)
   curves = {}
   for seed in (int(s) for s in args.seeds.split(",")):
     for name, make in SOLVERS.items():
@@ -45,7 +49,9 @@ def main(argv=None):
             for name in SOLVERS}
   summary = {name: {"final_probe_loss": values, "median": statistics.median(values)}
              for name, values in finals.items()}
-  RESULTS.write_text(json.dumps({
+  out = (RESULTS if args.problem == "autoencoder"
+         else RESULTS.with_name(f"ekfac_plateau_{args.problem}.json"))
+  out.write_text(json.dumps({
       "command": "python -m benchmarks.ekfac_plateau " + " ".join(argv or []),
       "steps": args.steps, "summary": summary, "curves": curves}, indent=1))
   print(json.dumps(summary))
