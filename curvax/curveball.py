@@ -154,8 +154,11 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
     check_in_range("rho", rho, 0.0, 1.0, schedule=True)
   if beta is not None:
     check_positive("beta", beta, schedule=True)
+  s = _Settings(rho=rho, beta=beta, damping_period=damping_period,
+                damping_factor=damping_factor, min_damping=min_damping,
+                max_damping=max_damping,
+                lambda_rule=period != 0)  # a traced period (inject_hyperparams) keeps it
   automatic = rho is None or beta is None
-  lambda_rule = period != 0  # a traced period (inject_hyperparams) keeps the rule
 
   def init_fn(params):
     scalar = lambda v: jnp.asarray(v, jnp.float32)
@@ -195,11 +198,14 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
                                             grad_dot(z, fused.jz)],
                              damping=lam, output_vdot=lin.output_vdot)
 
-    due = _lambda_rule_due(state.count)
+    due = _lambda_rule_due(s, state.count)
     if automatic:
       model = model_along(lin.jvp(delta))
-      new_rho, new_beta = _coefficients(model, state.count)
+      new_rho, new_beta = _coefficients(s, model, state.count)
       model_fn = lambda: model
+      # Finiteness from scalars, not a mask over the new z, so the selects in _advance
+      # fuse with the z and step arithmetic: the Gram entries carry Δzᵀ Δz.
+      checks = [model.damped.reshape(-1)]
     else:
       # Only the λ rule needs J Δz here. A fresh forward pass under its own conditional
       # keeps the compiled step's memory at SGD's (the linearisation's residuals would
@@ -209,124 +215,157 @@ def curveball(loss: "losses_lib.Loss | str", *, learning_rate: ScalarOrSchedule 
       model_fn = functools.partial(model_along, j_delta)  # on evaluation steps only
       new_rho = scalar(value_at(rho, state.count))
       new_beta = scalar(value_at(beta, state.count))
-    coefficients = alpha * jnp.stack([-new_beta, new_rho])  # the step αz on [Δz, z]
-
-    new_damping, ratio, accepted = _damping_rule(
-        state, lin, params, z, delta, coefficients, model_fn, lam, due)
-    # Finiteness from scalars, not a mask over the new z, so the selects below fuse with
-    # the z and step arithmetic: the Gram entries carry Δzᵀ Δz; without them, one max
-    # over |Δz| (max propagates NaN and inf).
-    if automatic:
-      checks = [model.damped.reshape(-1)]
-    else:
+      # Without the Gram entries, one max over |Δz| (max propagates NaN and inf).
       checks = [jnp.max(jnp.abs(d)).astype(stat_dtype)[None]
                 for d in jax.tree.leaves(delta)]
+    coefficients = alpha * jnp.stack([-new_beta, new_rho])  # the step αz on [Δz, z]
+    new_damping, ratio, accepted = _damping_rule(
+        s, state, lin, params, z, delta, coefficients, model_fn, lam, due)
     finite = jnp.all(jnp.isfinite(jnp.concatenate(
         [jnp.stack([lin.loss_value.astype(stat_dtype), new_rho, new_beta]), *checks])))
-    take = finite & accepted
-    # A batch that is not finite here but whose loss was before the last update (α z):
-    # that update landed where the loss overflows — a learning-rate spike, or any step on the
-    # batches between λ-rule evaluations, which alone look at the trial loss. Return
-    # −α z, clear z (the momentum that carried the parameters there) and raise λ as for
-    # a rejected trial step; a second non-finite batch in a row is skipped.
-    last = lambda: jax.tree.map(
-        lambda zi: (state.last_step_scale.astype(zi.dtype) * zi), z)
-    undo = nonfinite.rollback_due(finite, params, last, lin.loss_at,
-                                  given_gradient=updates)
-    raised = quadratic.levenberg_marquardt(
-        state.damping, jnp.asarray(-jnp.inf, state.damping.dtype),
-        factor=jnp.asarray(damping_factor, jnp.float32)
-        ** jnp.asarray(damping_period, jnp.float32), lower=0.5, upper=1.5,
-        min_damping=min_damping, max_damping=max_damping)
-    new_z = jax.tree.map(
-        lambda zi, di: jnp.where(take, new_rho * zi - new_beta * di,
-                                 jnp.where(undo, 0, zi)).astype(zi.dtype),
-        z, delta)
-    step = jax.tree.map(
-        lambda zi, nzi: jnp.where(take, alpha * nzi,
-                                  jnp.where(undo, -state.last_step_scale * zi, 0)
-                                  ).astype(zi.dtype), z, new_z)
-    kept = lambda new, old: jnp.where(finite, new, old)
-    new_state = CurveBallState(
-        z=new_z,
-        damping=jnp.where(undo, raised, kept(new_damping.astype(jnp.float32),
-                                              state.damping)),
-        count=state.count + take.astype(state.count.dtype),
-        loss=kept(lin.loss_value.astype(jnp.float32), state.loss),
-        rho=kept(new_rho.astype(jnp.float32), state.rho),
-        beta=kept(new_beta.astype(jnp.float32), state.beta),
-        reduction_ratio=jnp.where(undo, -jnp.inf,
-                                  kept(ratio.astype(jnp.float32), state.reduction_ratio)),
-        num_skipped=state.num_skipped + (~finite & ~undo).astype(state.num_skipped.dtype),
-        # α of the update returned; a skipped batch keeps the record (nothing moved).
-        last_step_scale=jnp.where(take, alpha.astype(jnp.float32),
-                                  jnp.where(finite | undo, 0.0, state.last_step_scale)),
-        num_rolled_back=state.num_rolled_back + undo.astype(state.num_rolled_back.dtype))
-    return step, new_state
-
-  def _coefficients(model, count):
-    """``(ρ, β)`` minimising the damped model over the coefficients not fixed.
-
-    Both free: the 2×2 solve of eq. 19 (coefficients ``[−β, ρ]``). One fixed: the
-    other's 1×1 solve with the fixed one's term moved into the linear part — the best
-    value GIVEN the fixed one, not the joint optimum's.
-    """
-    if rho is None and beta is None:
-      neg_beta, new_rho = quadratic.minimiser(model)  # eq. 19
-      return new_rho, -neg_beta
-    dtype = model.linear.dtype
-    if rho is not None:  # minimise over x₀ = −β with x₁ = ρ fixed
-      fixed, free = jnp.asarray(value_at(rho, count), dtype), 0
-    else:  # minimise over x₁ = ρ with x₀ = −β fixed
-      fixed, free = -jnp.asarray(value_at(beta, count), dtype), 1
-    other = 1 - free
-    line = quadratic.QuadraticModel(
-        model.curvature[free:free + 1, free:free + 1],
-        model.damped[free:free + 1, free:free + 1],
-        model.linear[free:free + 1] + fixed * model.damped[free, other][None])
-    (solved,) = quadratic.minimiser(line)
-    return (solved, -fixed) if free == 1 else (fixed, -solved)
-
-  def _lambda_rule_due(count):
-    """Whether the λ rule runs on this step: counts ``0, T, 2T, …`` (§3.4, authors)."""
-    if not lambda_rule:
-      return jnp.asarray(False)
-    every = jnp.maximum(jnp.asarray(damping_period, count.dtype), 1)
-    return (count % every == 0) & (jnp.asarray(damping_period) > 0)
-
-  def _damping_rule(state, lin, params, z, delta, coefficients, model_fn, lam, due):
-    """§3.4 as the authors run it: ``(λ, γ, accepted)`` for this step.
-
-    On steps counted ``0, T, 2T, …``, ``γ = Δf / f̂`` with ``f̂`` the damped model at the
-    step taken and ``Δf`` measured on this batch; a non-finite ``γ`` (a trial loss that
-    is inf or NaN) rejects the step and grows ``λ`` as ``γ < 1/2`` does.
-    """
-    accepted = jnp.asarray(True)
-    if not lambda_rule:
-      return lam, state.reduction_ratio, accepted
-
-    def evaluate(_):
-      predicted = quadratic.predicted_change(model_fn(), coefficients, damped=True)
-      step = jax.tree.map(
-          lambda zi, di: (coefficients[1] * zi + coefficients[0] * di).astype(zi.dtype),
-          z, delta)
-      actual = (lin.loss_at(optax.tree.add(params, step)).astype(predicted.dtype)
-                - lin.loss_value.astype(predicted.dtype))
-      ratio = quadratic.reduction_ratio(actual, predicted)
-      ok = jnp.isfinite(ratio)
-      factor = (jnp.asarray(damping_factor, lam.dtype)
-                ** jnp.asarray(damping_period, lam.dtype))
-      new_lam = quadratic.levenberg_marquardt(
-          lam, jnp.where(ok, ratio, -jnp.inf), factor=factor, lower=0.5, upper=1.5,
-          min_damping=min_damping, max_damping=max_damping)
-      return new_lam, ratio.astype(jnp.float32), ok
-
-    def keep(_):
-      return lam, state.reduction_ratio, accepted
-
-    return jax.lax.cond(due, evaluate, keep, None)
+    proposal = _Proposal(delta=delta, rho=new_rho, beta=new_beta, damping=new_damping,
+                         reduction_ratio=ratio, finite=finite, accepted=accepted,
+                         alpha=alpha)
+    return _advance(s, state, lin, params, proposal, given_gradient=updates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _Settings(NamedTuple):
+  """The λ-rule and coefficient settings of one :func:`curveball` (static)."""
+  rho: Optional[ScalarOrSchedule]
+  beta: Optional[ScalarOrSchedule]
+  damping_period: Any
+  damping_factor: Any
+  min_damping: Any
+  max_damping: Any
+  lambda_rule: bool
+
+
+class _Proposal(NamedTuple):
+  """One batch's computed step, before the non-finite guard decides what is applied."""
+  delta: PyTree              # Δz (eq. 18)
+  rho: jax.Array
+  beta: jax.Array
+  damping: jax.Array         # λ after the §3.4 rule
+  reduction_ratio: jax.Array
+  finite: jax.Array          # loss, ρ, β and Δz finite
+  accepted: jax.Array        # the λ rule's trial loss finite
+  alpha: jax.Array
+
+
+def _advance(s: _Settings, state: CurveBallState, lin, params, proposal: _Proposal, *,
+             given_gradient) -> tuple:
+  """The update and the next state: eq. 15–16 for an accepted finite step, the rollback
+  of the last update (:mod:`curvax.nonfinite`), or a skip."""
+  z, p = state.z, proposal
+  take = p.finite & p.accepted
+  # A batch that is not finite here but whose loss was before the last update (α z):
+  # that update landed where the loss overflows — a learning-rate spike, or any step on the
+  # batches between λ-rule evaluations, which alone look at the trial loss. Return
+  # −α z, clear z (the momentum that carried the parameters there) and raise λ as for
+  # a rejected trial step; a second non-finite batch in a row is skipped.
+  last = lambda: jax.tree.map(
+      lambda zi: (state.last_step_scale.astype(zi.dtype) * zi), z)
+  undo = nonfinite.rollback_due(p.finite, params, last, lin.loss_at,
+                                given_gradient=given_gradient)
+  raised = quadratic.levenberg_marquardt(
+      state.damping, jnp.asarray(-jnp.inf, state.damping.dtype),
+      factor=jnp.asarray(s.damping_factor, jnp.float32)
+      ** jnp.asarray(s.damping_period, jnp.float32), lower=0.5, upper=1.5,
+      min_damping=s.min_damping, max_damping=s.max_damping)
+  new_z = jax.tree.map(
+      lambda zi, di: jnp.where(take, p.rho * zi - p.beta * di,
+                               jnp.where(undo, 0, zi)).astype(zi.dtype),
+      z, p.delta)
+  step = jax.tree.map(
+      lambda zi, nzi: jnp.where(take, p.alpha * nzi,
+                                jnp.where(undo, -state.last_step_scale * zi, 0)
+                                ).astype(zi.dtype), z, new_z)
+  kept = lambda new, old: jnp.where(p.finite, new, old)
+  new_state = CurveBallState(
+      z=new_z,
+      damping=jnp.where(undo, raised, kept(p.damping.astype(jnp.float32),
+                                            state.damping)),
+      count=state.count + take.astype(state.count.dtype),
+      loss=kept(lin.loss_value.astype(jnp.float32), state.loss),
+      rho=kept(p.rho.astype(jnp.float32), state.rho),
+      beta=kept(p.beta.astype(jnp.float32), state.beta),
+      reduction_ratio=jnp.where(undo, -jnp.inf,
+                                kept(p.reduction_ratio.astype(jnp.float32),
+                                     state.reduction_ratio)),
+      num_skipped=state.num_skipped + (~p.finite & ~undo).astype(state.num_skipped.dtype),
+      # α of the update returned; a skipped batch keeps the record (nothing moved).
+      last_step_scale=jnp.where(take, p.alpha.astype(jnp.float32),
+                                jnp.where(p.finite | undo, 0.0, state.last_step_scale)),
+      num_rolled_back=state.num_rolled_back + undo.astype(state.num_rolled_back.dtype))
+  return step, new_state
+
+
+def _coefficients(s: _Settings, model, count):
+  """``(ρ, β)`` minimising the damped model over the coefficients not fixed.
+
+  Both free: the 2×2 solve of eq. 19 (coefficients ``[−β, ρ]``). One fixed: the
+  other's 1×1 solve with the fixed one's term moved into the linear part — the best
+  value GIVEN the fixed one, not the joint optimum's.
+  """
+  if s.rho is None and s.beta is None:
+    neg_beta, new_rho = quadratic.minimiser(model)  # eq. 19
+    return new_rho, -neg_beta
+  dtype = model.linear.dtype
+  if s.rho is not None:  # minimise over x₀ = −β with x₁ = ρ fixed
+    fixed, free = jnp.asarray(value_at(s.rho, count), dtype), 0
+  else:  # minimise over x₁ = ρ with x₀ = −β fixed
+    fixed, free = -jnp.asarray(value_at(s.beta, count), dtype), 1
+  other = 1 - free
+  line = quadratic.QuadraticModel(
+      model.curvature[free:free + 1, free:free + 1],
+      model.damped[free:free + 1, free:free + 1],
+      model.linear[free:free + 1] + fixed * model.damped[free, other][None])
+  (solved,) = quadratic.minimiser(line)
+  return (solved, -fixed) if free == 1 else (fixed, -solved)
+
+
+def _lambda_rule_due(s: _Settings, count):
+  """Whether the λ rule runs on this step: counts ``0, T, 2T, …`` (§3.4, authors)."""
+  if not s.lambda_rule:
+    return jnp.asarray(False)
+  every = jnp.maximum(jnp.asarray(s.damping_period, count.dtype), 1)
+  return (count % every == 0) & (jnp.asarray(s.damping_period) > 0)
+
+
+def _damping_rule(s: _Settings, state, lin, params, z, delta, coefficients, model_fn,
+                  lam, due):
+  """§3.4 as the authors run it: ``(λ, γ, accepted)`` for this step.
+
+  On steps counted ``0, T, 2T, …``, ``γ = Δf / f̂`` with ``f̂`` the damped model at the
+  step taken and ``Δf`` measured on this batch; a non-finite ``γ`` (a trial loss that
+  is inf or NaN) rejects the step and grows ``λ`` as ``γ < 1/2`` does.
+  """
+  accepted = jnp.asarray(True)
+  if not s.lambda_rule:
+    return lam, state.reduction_ratio, accepted
+
+  def evaluate(_):
+    predicted = quadratic.predicted_change(model_fn(), coefficients, damped=True)
+    step = jax.tree.map(
+        lambda zi, di: (coefficients[1] * zi + coefficients[0] * di).astype(zi.dtype),
+        z, delta)
+    actual = (lin.loss_at(optax.tree.add(params, step)).astype(predicted.dtype)
+              - lin.loss_value.astype(predicted.dtype))
+    ratio = quadratic.reduction_ratio(actual, predicted)
+    ok = jnp.isfinite(ratio)
+    factor = (jnp.asarray(s.damping_factor, lam.dtype)
+              ** jnp.asarray(s.damping_period, lam.dtype))
+    new_lam = quadratic.levenberg_marquardt(
+        lam, jnp.where(ok, ratio, -jnp.inf), factor=factor, lower=0.5, upper=1.5,
+        min_damping=s.min_damping, max_damping=s.max_damping)
+    return new_lam, ratio.astype(jnp.float32), ok
+
+  def keep(_):
+    return lam, state.reduction_ratio, accepted
+
+  return jax.lax.cond(due, evaluate, keep, None)
 
 
 def _cast_like(tree: PyTree, like: PyTree) -> PyTree:

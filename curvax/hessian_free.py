@@ -205,15 +205,10 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
     lin = extra_args_lib.linearization_from(
         "hessian_free", loss, params, predict_fn=predict_fn, targets=targets,
         linearization=linearization, axis_name=axis_name)
+    curv = lin
     if curvature_batch:
-      if curvature_predict_fn is None or curvature_targets is None:
-        raise ValueError(
-            "hessian_free(curvature_batch=True): missing extra arguments "
-            "curvature_predict_fn / curvature_targets (the curvature sub-batch).")
-      curv = cvp.linearize(curvature_predict_fn, params, loss=loss,
-                           targets=curvature_targets, axis_name=axis_name)
-    else:
-      curv = lin
+      curv = _curvature_linearization(curvature_predict_fn, curvature_targets, params,
+                                      loss=loss, axis_name=axis_name)
     given = extra_args_lib.given_gradient("hessian_free", updates, params)
     grad = lin.grad() if given is None else given
     at_count = lambda value: value_at(value, state.count)
@@ -224,11 +219,9 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
 
     precondition = None
     if preconditioner == "diagonal":
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-      diagonal = _hutchinson_diagonal(product, params, key, preconditioner_samples)
-      scale = jax.tree.map(lambda d: (jnp.abs(d) + lam) ** preconditioner_exponent,
-                           diagonal)
-      precondition = lambda r: jax.tree.map(jnp.divide, r, scale)
+      precondition = _diagonal_preconditioner(
+          product, params, lam, jax.random.fold_in(jax.random.PRNGKey(seed), state.count),
+          samples=preconditioner_samples, exponent=preconditioner_exponent)
 
     x0 = _scale(at_count(warm_start_decay), state.direction)
     solve = cg.conjugate_gradient(
@@ -265,19 +258,8 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
         num_skipped=state.num_skipped, last_update=step,
         num_rolled_back=state.num_rolled_back, damping_growth=growth)
     finite = nonfinite.all_finite(lin.loss_value, grad, solve.x)
-    # A batch that is not finite here but whose loss was before the last update: that update landed
-    # where the loss overflows (an outer scaling or a learning-rate spike the trial
-    # point did not see). Undo it and raise λ as for a refused step (ρ = −∞); the warm
-    # start is kept — it was computed at the point the rollback returns to.
-    raised, raised_growth = damping_rule(state, jnp.asarray(-jnp.inf, jnp.float32),
-                                         at_count)
-    rollback = nonfinite.Rollback(
-        due=nonfinite.rollback_due(finite, params, state.last_update,
-                                   lin.loss_at, given_gradient=given),
-        step=nonfinite.reverse(state.last_update),
-        state=state._replace(damping=raised, damping_growth=raised_growth,
-                             reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32),
-                             last_update=optax.tree.zeros_like(state.last_update)))
+    raised = damping_rule(state, jnp.asarray(-jnp.inf, jnp.float32), at_count)
+    rollback = _rollback(state, finite, params, lin, given, raised)
     return nonfinite.guard(finite, step, new_state, state, rollback=rollback)
 
   def damping_rule(state, ratio, at_count):
@@ -286,6 +268,40 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
                          escalate=escalate_damping)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _curvature_linearization(predict_fn, targets, params, *, loss, axis_name):
+  """The ``curvature_batch`` linearisation: SHG's curvature products on their own
+  (smaller) batch, the gradient's batch being ``predict_fn``'s."""
+  if predict_fn is None or targets is None:
+    raise ValueError(
+        "hessian_free(curvature_batch=True): missing extra arguments "
+        "curvature_predict_fn / curvature_targets (the curvature sub-batch).")
+  return cvp.linearize(predict_fn, params, loss=loss, targets=targets,
+                       axis_name=axis_name)
+
+
+def _diagonal_preconditioner(product, params, lam, key, *, samples, exponent):
+  """``r ↦ r / (|diag(C)| + λ)^ξ`` with a Hutchinson estimate of ``diag(C)``."""
+  diagonal = _hutchinson_diagonal(product, params, key, samples)
+  scale = jax.tree.map(lambda d: (jnp.abs(d) + lam) ** exponent, diagonal)
+  return lambda r: jax.tree.map(jnp.divide, r, scale)
+
+
+def _rollback(state: HessianFreeState, finite, params, lin, given, raised):
+  """A batch that is not finite here but whose loss was before the last update: that
+  update landed where the loss overflows (an outer scaling or a learning-rate spike the
+  trial point did not see). Undo it and raise λ as for a refused step (ρ = −∞,
+  ``raised``: the damping rule's ``(λ, ν)`` then); the warm start is kept — it was
+  computed at the point the rollback returns to."""
+  damping, growth = raised
+  return nonfinite.Rollback(
+      due=nonfinite.rollback_due(finite, params, state.last_update, lin.loss_at,
+                                 given_gradient=given),
+      step=nonfinite.reverse(state.last_update),
+      state=state._replace(damping=damping, damping_growth=growth,
+                           reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32),
+                           last_update=optax.tree.zeros_like(state.last_update)))
 
 
 def _damping_rule(state: HessianFreeState, ratio, *, factor, bounds, escalate: bool):

@@ -301,25 +301,10 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
     flat_step = lr * length * direction
     ratio = predicted_change = jnp.asarray(jnp.nan, jnp.float32)
     if trust_region:
-      # Nocedal & Wright Alg. 6.2 on the step taken: ρ = Δf / Δf̂ on the step's batch
-      # (one forward pass), the model the GGN one along p; refused unless ρ > η.
       if model is None:
         model = _line_model(lin, g, direction, unravel)
-      predicted = quadratic.predicted_change(model, (lr * length)[None])
-      trial = lin.loss_at(jax.tree.map(jnp.add, params, unravel(flat_step)))
-      ratio = quadratic.reduction_ratio(
-          trial.astype(predicted.dtype) - lin.loss_value.astype(predicted.dtype),
-          predicted)
-      ratio = jnp.where(jnp.isfinite(ratio), ratio, -jnp.inf)
-      model_norm = length * norm
-      # A zero model step (no descent along p) predicts nothing: Δ stays.
-      radius = jnp.where(
-          (ratio < 0.1) & (model_norm > 0), 0.5 * jnp.minimum(radius, model_norm),
-          jnp.where((ratio > 0.75) & (model_norm >= 0.8 * radius), 2 * radius, radius))
-      accepted = (ratio > _ETA) & (predicted < 0)
-      flat_step = jnp.where(accepted, flat_step, 0)
-      ratio = ratio.astype(jnp.float32)
-      predicted_change = jnp.where(accepted, predicted, jnp.nan).astype(jnp.float32)
+      flat_step, radius, ratio, predicted_change = _trust_region_step(
+          lin, params, unravel, model, flat_step, lr * length, length * norm, radius)
     else:
       # Without a trust region Δ only bounds the steps after a rollback; it doubles
       # back towards no bound on every step.
@@ -335,23 +320,47 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
         predicted_change=predicted_change, next_batch_ratio=fresh_ratio)
     # The step too: at a landed point the loss can be finite and the model step not.
     finite = nonfinite.all_finite(lin.loss_value, g, direction, store, flat_step)
-    # A batch that is not finite here but whose loss was before the last update: that update landed
-    # where the loss overflows. Reverse it and halve Δ — SQN and L-SR1 have no damping;
-    # the radius is what a refused step shrinks (with no trust region, the step after
-    # the rollback is at most half the reversed one).
-    rollback = nonfinite.Rollback(
-        due=nonfinite.rollback_due(finite, params,
-                                   lambda: unravel(state.last_update), lin.loss_at, given_gradient=given),
-        step=unravel(-state.last_update),
-        state=state._replace(
-            last_update=jnp.zeros_like(state.last_update),
-            trust_radius=0.5 * jnp.minimum(state.trust_radius,
-                                           jnp.linalg.norm(state.last_update)),
-            reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32),
-            predicted_change=jnp.asarray(jnp.nan, jnp.float32)))
+    rollback = _rollback(state, finite, params, lin, unravel, given)
     return nonfinite.guard(finite, step, new_state, state, rollback=rollback)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _trust_region_step(lin, params, unravel, model, flat_step, scale, model_norm, radius):
+  """Nocedal & Wright Alg. 6.2 on the step taken (``flat_step = scale · p``): ``ρ = Δf /
+  Δf̂`` on the step's batch (one forward pass), ``model`` the GGN one along ``p``;
+  refused unless ``ρ > η``. ``model_norm``: the model step's length, before the
+  learning rate. Returns the step (zero if refused), ``Δ``, ``ρ`` and the predicted
+  change of an accepted step (NaN otherwise)."""
+  predicted = quadratic.predicted_change(model, scale[None])
+  trial = lin.loss_at(jax.tree.map(jnp.add, params, unravel(flat_step)))
+  ratio = quadratic.reduction_ratio(
+      trial.astype(predicted.dtype) - lin.loss_value.astype(predicted.dtype), predicted)
+  ratio = jnp.where(jnp.isfinite(ratio), ratio, -jnp.inf)
+  # A zero model step (no descent along p) predicts nothing: Δ stays.
+  radius = jnp.where(
+      (ratio < 0.1) & (model_norm > 0), 0.5 * jnp.minimum(radius, model_norm),
+      jnp.where((ratio > 0.75) & (model_norm >= 0.8 * radius), 2 * radius, radius))
+  accepted = (ratio > _ETA) & (predicted < 0)
+  return (jnp.where(accepted, flat_step, 0), radius, ratio.astype(jnp.float32),
+          jnp.where(accepted, predicted, jnp.nan).astype(jnp.float32))
+
+
+def _rollback(state: QuasiNewtonState, finite, params, lin, unravel, given):
+  """A batch that is not finite here but whose loss was before the last update: that
+  update landed where the loss overflows. Reverse it and halve Δ — SQN and L-SR1 have no
+  damping; the radius is what a refused step shrinks (with no trust region, the step
+  after the rollback is at most half the reversed one)."""
+  return nonfinite.Rollback(
+      due=nonfinite.rollback_due(finite, params, lambda: unravel(state.last_update),
+                                 lin.loss_at, given_gradient=given),
+      step=unravel(-state.last_update),
+      state=state._replace(
+          last_update=jnp.zeros_like(state.last_update),
+          trust_radius=0.5 * jnp.minimum(state.trust_radius,
+                                         jnp.linalg.norm(state.last_update)),
+          reduction_ratio=jnp.asarray(-jnp.inf, jnp.float32),
+          predicted_change=jnp.asarray(jnp.nan, jnp.float32)))
 
 
 def _next_batch_check(lin, params, unravel, state, learning_rate):
