@@ -101,6 +101,14 @@ def given_gradient(solver: str, updates, params):
   return updates
 
 
+def check_curvature_batch(solver: str, predict_fn, targets) -> None:
+  """Refuses ``curvature_batch=True`` without its two extra arguments (a ``ValueError``
+  naming ``solver``, raised at trace time)."""
+  if predict_fn is None or targets is None:
+    raise ValueError(f"{solver}(curvature_batch=True): missing extra arguments "
+                     "curvature_predict_fn / curvature_targets (the curvature batch).")
+
+
 def check_matches_params(solver: str, updates, params) -> None:
   """Raise a ``ValueError`` unless ``updates`` has the structure and shapes of ``params``."""
   updates_def, params_def = jax.tree.structure(updates), jax.tree.structure(params)

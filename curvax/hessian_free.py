@@ -273,10 +273,7 @@ def hessian_free(loss: "losses_lib.Loss | str", *,
 def _curvature_linearization(predict_fn, targets, params, *, loss, axis_name):
   """The ``curvature_batch`` linearisation: SHG's curvature products on their own
   (smaller) batch, the gradient's batch being ``predict_fn``'s."""
-  if predict_fn is None or targets is None:
-    raise ValueError(
-        "hessian_free(curvature_batch=True): missing extra arguments "
-        "curvature_predict_fn / curvature_targets (the curvature sub-batch).")
+  extra_args_lib.check_curvature_batch("hessian_free", predict_fn, targets)
   return cvp.linearize(predict_fn, params, loss=loss, targets=targets,
                        axis_name=axis_name)
 

@@ -236,9 +236,8 @@ def _quasi_newton(name: str, loss, learning_rate: float, step_size: str, memory:
     lin = extra_args_lib.linearization_from(
         name, loss, params, predict_fn=predict_fn, targets=targets,
         linearization=linearization, axis_name=axis_name)
-    if curvature_batch and (curvature_predict_fn is None or curvature_targets is None):
-      raise ValueError(f"{name}(curvature_batch=True): missing extra arguments "
-                       "curvature_predict_fn / curvature_targets (the curvature batch).")
+    if curvature_batch:
+      extra_args_lib.check_curvature_batch(name, curvature_predict_fn, curvature_targets)
     param_flat, param_unravel = ravel_pytree(params)
     # Pairs, iterates and directions live in at least float32 (bfloat16 params).
     flat = _wide(param_flat)
